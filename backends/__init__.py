@@ -1,0 +1,1 @@
+"""Pluggable backends (torch, MLX) implementing the heavy parts against one contract."""

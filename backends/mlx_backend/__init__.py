@@ -1,0 +1,1 @@
+"""The MLX backend (Apple silicon; CPU on Linux): mlx + mlx-lm."""

@@ -1,0 +1,23 @@
+"""ArrayOps for MLX arrays: the objectives in ``core.objectives`` run on these, with mx.grad."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class MlxOps:
+    def log_sigmoid(self, x: mx.array) -> mx.array:
+        return nn.log_sigmoid(x)
+
+    def relu(self, x: mx.array) -> mx.array:
+        return mx.maximum(x, 0.0)
+
+    def mean(self, x: mx.array) -> mx.array:
+        return mx.mean(x)
+
+    def stop_gradient(self, x: mx.array) -> mx.array:
+        return mx.stop_gradient(x)
+
+    def greater(self, a: mx.array, b: mx.array) -> mx.array:
+        return (a > b).astype(a.dtype)

@@ -1,0 +1,23 @@
+"""ArrayOps for torch tensors: the objectives in ``core.objectives`` run on these, with autograd."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchOps:
+    def log_sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(x)
+
+    def relu(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean()
+
+    def stop_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+    def greater(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a > b).to(a.dtype)

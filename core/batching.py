@@ -1,0 +1,125 @@
+"""Length-aware, seeded batching of tokenized pairs into plain NumPy arrays any backend can take.
+
+A batch of B pairs holds 2B rows laid out ``[chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]``,
+each row ``prompt + reply`` right-padded to the batch's longest row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.tokenization import TokenizedPair
+
+MEGABATCH_FACTOR = 32  # pairs are sorted by length within windows of this many batches
+
+
+@dataclass(eq=False)
+class Batch:
+    input_ids: np.ndarray  # int32 [2B, T]
+    attention_mask: np.ndarray  # int32 [2B, T], 1 on real tokens
+    loss_mask: np.ndarray  # int32 [2B, T], 1 on reply tokens only (the tokens whose log-prob counts)
+    response_lengths: np.ndarray  # int32 [2B], = loss_mask.sum(1)
+    prompt_lengths: np.ndarray  # int32 [2B]
+    pair_indices: np.ndarray  # int64 [B], each pair's index in the loaded data
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pair_indices)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (unpadded) tokens in the batch."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.num_tokens / self.input_ids.size
+
+
+def collate(pairs: Sequence[TokenizedPair], pad_id: int, pad_to_multiple_of: int = 1) -> Batch:
+    """Stack pairs into one batch; the width is rounded up to ``pad_to_multiple_of`` (fewer shapes to compile)."""
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max(len(prompt) + len(reply) for prompt, reply in rows)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    count = len(rows)
+    input_ids = np.full((count, width), pad_id, dtype=np.int32)
+    attention_mask = np.zeros((count, width), dtype=np.int32)
+    loss_mask = np.zeros((count, width), dtype=np.int32)
+    prompt_lengths = np.zeros(count, dtype=np.int32)
+    response_lengths = np.zeros(count, dtype=np.int32)
+    for row, (prompt, reply) in enumerate(rows):
+        end = len(prompt) + len(reply)
+        input_ids[row, : len(prompt)] = prompt
+        input_ids[row, len(prompt) : end] = reply
+        attention_mask[row, :end] = 1
+        loss_mask[row, len(prompt) : end] = 1
+        prompt_lengths[row] = len(prompt)
+        response_lengths[row] = len(reply)
+    return Batch(
+        input_ids,
+        attention_mask,
+        loss_mask,
+        response_lengths,
+        prompt_lengths,
+        np.array([p.index for p in pairs], dtype=np.int64),
+    )
+
+
+def plan_batches(
+    lengths: Sequence[int] | np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int = 0,
+    group_by_length: bool = True,
+    drop_last: bool = False,
+) -> list[np.ndarray]:
+    """The order of one epoch: a list of index arrays into ``lengths``, a pure function of its arguments.
+
+    With ``group_by_length``, pairs are shuffled, then sorted by length within windows of
+    ``MEGABATCH_FACTOR`` batches, so a batch holds pairs of similar length (little padding) while the
+    order stays random. The batch holding the longest pair comes first, so a run that would run out of
+    memory does so at its first step rather than hours in.
+    """
+    lengths = np.asarray(lengths)
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if group_by_length:
+        window = batch_size * MEGABATCH_FACTOR
+        order = (
+            np.concatenate(
+                [
+                    chunk[np.argsort(-lengths[chunk], kind="stable")]
+                    for chunk in np.array_split(order, max(1, -(-len(order) // window)))
+                ]
+            )
+            if len(order)
+            else order
+        )
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if group_by_length and len(batches) > 1:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        longest = max(range(len(batches)), key=lambda i: lengths[batches[i]].max())
+        batches.insert(0, batches.pop(longest))
+    return batches
+
+
+def padding_fraction(
+    pairs: Sequence[TokenizedPair], batches: Sequence[np.ndarray], pad_to_multiple_of: int = 1
+) -> float:
+    """The share of padded positions over an epoch of ``batches`` (0 = no padding)."""
+    real = padded = 0
+    for indices in batches:
+        rows = [len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) for i in indices]
+        rows += [len(pairs[i].prompt_ids) + len(pairs[i].rejected_ids) for i in indices]
+        width = -(-max(rows) // pad_to_multiple_of) * pad_to_multiple_of
+        real += sum(rows)
+        padded += width * len(rows)
+    return 1.0 - real / padded if padded else 0.0

@@ -1,0 +1,94 @@
+"""The ``duet`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.text import Text
+
+from core.errors import DuetError
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from core.inspection import run_inspect
+
+    columns = dict(_key_value(item, "--column") for item in args.column)
+    return run_inspect(
+        args.data,
+        args.model,
+        console=Console(soft_wrap=True),
+        skip_invalid=args.skip_invalid,
+        format=args.format,
+        columns=columns,
+        split=args.split,
+        chat_template=args.chat_template,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length or None,
+        show=args.show,
+        full=args.full,
+        batch_size=args.batch_size,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _key_value(text: str, flag: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise DuetError(f"{flag} {text!r}: expected DUET_NAME=YOUR_COLUMN, e.g. prompt=question.")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duet", description="Preference fine-tuning (DPO, SimPO, ...) with LoRA.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="validate and tokenize preference data, show a pair token by token")
+    inspect.add_argument("data", help="a .jsonl/.json/.parquet file (optionally .gz), dataset folder or hub id")
+    inspect.add_argument("--model", required=True, help="model folder or hub id whose tokenizer to use ('demo')")
+    inspect.add_argument("--skip-invalid", action="store_true", help="skip bad rows (counted) instead of stopping")
+    inspect.add_argument("--format", default="auto", help="force a data format instead of detecting it")
+    inspect.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="NAME=COLUMN",
+        help="read Duet's NAME (prompt, chosen, rejected, ...) from your COLUMN",
+    )
+    inspect.add_argument("--split", default="train", help="dataset split (folders and hub ids)")
+    inspect.add_argument("--chat-template", default="auto", help="auto | plain | chatml | path to a .jinja file")
+    inspect.add_argument("--max-length", type=int, default=1024)
+    inspect.add_argument("--max-prompt-length", type=int, default=512, help="0 for no prompt limit")
+    inspect.add_argument("--show", type=int, default=0, help="which usable pair to render (0-based)")
+    inspect.add_argument("--full", action="store_true", help="render long prompts in full")
+    inspect.add_argument("--batch-size", type=int, default=4, help="pairs per batch, for the padding estimate")
+    inspect.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a model folder's own Python code to run (off by default)",
+    )
+    inspect.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if handler is None:
+        parser.print_help()
+        return 0
+    try:
+        return handler(args)
+    except DuetError as exc:
+        # a Text, not markup: messages hold brackets such as "chosen[1]" that rich would read as tags
+        Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Run configuration: small dataclasses per section, loaded from YAML plus dotted command-line overrides.
+
+Unknown keys and bad values raise ``ConfigError`` naming the key (and the closest known key), so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from core.errors import ConfigError
+
+OBJECTIVE_NAMES = ("dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft")
+DEFAULT_BETA = {"dpo": 0.1, "dpo_norm": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "sft": 0.0}
+DEFAULT_SIMPO_GAMMA_BETA_RATIO = 0.5
+
+
+@dataclass
+class ModelConfig:
+    path: str = "demo"  # local folder, hub id, or "demo" (the built-in tiny chat model)
+    backend: Literal["auto", "torch", "mlx"] = "auto"
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # torch backend only
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, else fp32
+    adapter: str | None = None  # start from an existing adapter (PEFT or mlx-lm folder)
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    logprob_chunk_size: int = 1024  # response positions per LM-head chunk in the log-prob kernel
+
+    def validate(self) -> None:
+        _positive("model.logprob_chunk_size", self.logprob_chunk_size)
+        if not self.path.strip():
+            raise ConfigError("model.path is empty: give a local model folder, a hub id, or 'demo'.")
+
+
+@dataclass
+class DataConfig:
+    train: str = "demo"  # a file, dataset folder, hub id, or "demo" (the bundled preference set)
+    eval: str | None = None  # a separate eval set; else eval_fraction of train is held out
+    eval_fraction: float = 0.0
+    format: str = "auto"
+    columns: dict[str, str] = field(default_factory=dict)  # Duet name → your column name
+    split: str = "train"
+    skip_invalid: bool = False
+    chat_template: str = "auto"  # auto | plain | chatml | path to a .jinja file | the template itself
+    max_length: int = 1024
+    max_prompt_length: int | None = 512
+
+    def validate(self) -> None:
+        from core.data.formats import FORMATS_BY_NAME
+
+        _positive("data.max_length", self.max_length)
+        if self.max_prompt_length is not None:
+            _positive("data.max_prompt_length", self.max_prompt_length)
+            if self.max_prompt_length >= self.max_length:
+                raise ConfigError(
+                    f"data.max_prompt_length ({self.max_prompt_length}) must be below data.max_length "
+                    f"({self.max_length}), or no reply token would fit."
+                )
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        if self.format != "auto" and self.format not in FORMATS_BY_NAME:
+            raise ConfigError(
+                f"data.format '{self.format}' is unknown{_suggest(self.format, FORMATS_BY_NAME)}; "
+                f"choose auto or one of {', '.join(FORMATS_BY_NAME)}."
+            )
+        known = {
+            "prompt",
+            "chosen",
+            "rejected",
+            "system",
+            "conversations",
+            "instruction",
+            "input",
+            "history",
+            "chosen_messages",
+            "rejected_messages",
+            "score_chosen",
+            "score_rejected",
+        }
+        for duet_name in self.columns:
+            if duet_name not in known:
+                raise ConfigError(
+                    f"data.columns.{duet_name}: not a column Duet reads"
+                    f"{_suggest(duet_name, known)}; the names are {', '.join(sorted(known))}."
+                )
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # "all-linear": every linear projection of the transformer blocks (attention and MLP), not the LM head
+    target_modules: list[str] | str = "all-linear"
+    layers: int | None = None  # adapt only the last N blocks (None: all)
+
+    def validate(self) -> None:
+        _positive("lora.rank", self.rank)
+        _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
+        if self.layers is not None:
+            _positive("lora.layers", self.layers)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft"] = "dpo"
+    beta: float | None = None  # None: the objective's usual value (0.1; SimPO 2.0)
+    gamma: float | None = None  # SimPO's target margin, absolute
+    gamma_beta_ratio: float | None = None  # or relative to beta (SimPO's paper): gamma = ratio × beta
+    label_smoothing: float = 0.0  # ε, the assumed rate of flipped preference labels (cDPO)
+    robust: bool = False  # with label_smoothing: robust DPO's unbiased loss instead of cDPO's
+    nll_weight: float = 0.0  # weight of the per-token NLL on chosen replies added to the loss
+
+    def validate(self) -> None:
+        if self.beta is not None and self.name != "sft":
+            _positive("objective.beta", self.beta)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"objective.label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if self.label_smoothing and self.name not in ("dpo", "dpo_norm", "simpo"):
+            raise ConfigError(f"objective.label_smoothing applies to dpo, dpo_norm and simpo, not {self.name}.")
+        if self.robust and self.name not in ("dpo", "dpo_norm"):
+            raise ConfigError(f"objective.robust applies to dpo and dpo_norm, not {self.name}.")
+        if self.name != "simpo" and (self.gamma is not None or self.gamma_beta_ratio is not None):
+            raise ConfigError(f"objective.gamma / gamma_beta_ratio apply to simpo only, not {self.name}.")
+        if self.gamma is not None and self.gamma_beta_ratio is not None:
+            raise ConfigError("set objective.gamma or objective.gamma_beta_ratio, not both.")
+        if self.nll_weight < 0:
+            raise ConfigError(f"objective.nll_weight must be ≥ 0, got {self.nll_weight}.")
+
+    @property
+    def resolved_beta(self) -> float:
+        return DEFAULT_BETA[self.name] if self.beta is None else self.beta
+
+    @property
+    def resolved_gamma(self) -> float:
+        if self.gamma is not None:
+            return self.gamma
+        ratio = DEFAULT_SIMPO_GAMMA_BETA_RATIO if self.gamma_beta_ratio is None else self.gamma_beta_ratio
+        return ratio * self.resolved_beta
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4  # pairs per optimizer micro-step
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    lr: float = 5e-5
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    group_by_length: bool = True
+    eval_every: int | None = None  # steps; None: only at the end
+    save_every: int | None = None  # steps; None: only at the end
+    log_every: int = 1
+    output_dir: str = "runs"
+    run_name: str | None = None  # None: a timestamp
+    nonfinite: Literal["stop", "skip"] = "stop"  # what to do when a loss or gradient is NaN/inf
+    max_skipped_steps: int = 10
+
+    def validate(self) -> None:
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.grad_accum", self.grad_accum)
+        _positive("train.epochs", self.epochs)
+        _positive("train.lr", self.lr)
+        if self.max_steps is not None:
+            _positive("train.max_steps", self.max_steps)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be ≥ 0, got {self.warmup_steps}.")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be ≥ 0, got {self.weight_decay}.")
+        if self.max_grad_norm is not None:
+            _positive("train.max_grad_norm", self.max_grad_norm)
+        for key in ("eval_every", "save_every", "log_every"):
+            value = getattr(self, key)
+            if value is not None:
+                _positive(f"train.{key}", value)
+        if self.run_name is not None:
+            _safe_name("train.run_name", self.run_name)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        for section in (self.model, self.data, self.lora, self.objective, self.train):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A validated ``Config`` from an optional YAML file and ``key.sub=value`` overrides (applied last)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(path)
+    for override in overrides:
+        apply_override(data, override)
+    return config_from_dict(data).validate()
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"config file {path}: no such file.")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or exc
+        raise ConfigError(f"{where}: not valid YAML ({problem}).") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: expected a mapping of sections (model, data, ...), found {type(data).__name__}."
+        )
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``section.key=value`` (the value parsed as YAML) to a nested dict, in place."""
+    key, sep, raw_value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{override}': expected key=value, e.g. objective.beta=0.05.")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    parts = key.strip().split(".")
+    node = data
+    for index, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{override}': '{'.'.join(parts[: index + 1])}' is not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    name = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {_describe(data)}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [key for key in data if key not in fields]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"unknown key '{prefix}{key}'{_suggest(str(key), fields, prefix)}. "
+            f"Known keys here: {', '.join(prefix + f for f in fields)}."
+        )
+    values = {}
+    for key, value in data.items():
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            values[key] = _build(kind, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            values[key] = _coerce(value, kind, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``kind``; convert where the YAML spelling is harmless."""
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise (
+            errors[-1]
+            if len(errors) == 1
+            else ConfigError(f"{key}: {_describe(value)} is not {' or '.join(_type_text(a) for a in args)}.")
+        )
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"{key}: '{value}' is not allowed{_suggest(str(value), [str(a) for a in args])}; "
+                f"choose one of {', '.join(map(str, args))}."
+            )
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}.")
+        return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}.")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {_describe(value)}.")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected a whole number, got {_describe(value)}.")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-5" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {_describe(value)}.")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected text, got {_describe(value)}.")
+    raise TypeError(f"unsupported config annotation {kind!r} for {key}")
+
+
+def _type_text(kind: Any) -> str:
+    return {int: "a whole number", float: "a number", str: "text", bool: "true/false", type(None): "null"}.get(
+        kind, getattr(kind, "__name__", str(kind))
+    )
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _suggest(word: str, options, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}.")
+
+
+def _safe_name(key: str, name: str) -> None:
+    """A name that becomes a folder name: no path separators, no '..', not absolute."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("~"):
+        raise ConfigError(f"{key} '{name}' must be a plain folder name (no '/', '\\', '..' or '~').")

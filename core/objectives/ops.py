@@ -1,0 +1,48 @@
+"""The few array operations the objectives need, which each backend provides for its own arrays.
+
+Arithmetic (``+ - * /``, unary minus) works on NumPy, torch and MLX arrays alike; everything else an
+objective uses goes through an ``ArrayOps``, so each objective is written once for every backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+Array = Any  # np.ndarray, torch.Tensor or mx.array
+
+
+class ArrayOps(Protocol):
+    def log_sigmoid(self, x: Array) -> Array:
+        """log σ(x), computed stably for large |x|."""
+
+    def relu(self, x: Array) -> Array: ...
+
+    def mean(self, x: Array) -> Array:
+        """The mean over all elements, as a 0-d array."""
+
+    def stop_gradient(self, x: Array) -> Array:
+        """The same values, with no gradient flowing back (metrics and rewards)."""
+
+    def greater(self, a: Array, b: Array) -> Array:
+        """1.0 where a > b, else 0.0, in a's floating dtype."""
+
+
+class NumpyOps:
+    """ArrayOps for NumPy arrays (no gradients): evaluation and the float64 checks."""
+
+    def log_sigmoid(self, x: np.ndarray) -> np.ndarray:
+        return -np.logaddexp(0.0, -x)
+
+    def relu(self, x: np.ndarray) -> np.ndarray:
+        return np.maximum(x, 0.0)
+
+    def mean(self, x: np.ndarray) -> np.ndarray:
+        return np.mean(x)
+
+    def stop_gradient(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def greater(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (a > b).astype(np.result_type(a, np.float32))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up Duet in ./.venv with everything it needs, tests included. Safe to run again.
+# torch is installed first and on its own: asked for as a dependency, pip would take the newest build with
+# several GB of CUDA packages even on a CPU-only machine. An existing torch in .venv is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/python -m pip install --quiet "${DUET_TORCH:-torch==2.13.0}"
+fi
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+echo "Duet is set up in .venv (activate it with: . .venv/bin/activate)"

@@ -1,0 +1,74 @@
+"""Config: YAML plus dotted overrides; unknown keys and bad values name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.config import Config, load_config
+from core.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "objective:\n  name: simpo\n  beta: 2.5\ntrain:\n  lr: 1.0e-6\ndata:\n  columns: {prompt: question}\n"
+    )
+    config = load_config(path, ["objective.gamma_beta_ratio=0.4", "train.lr=1e-5", "lora.target_modules=q_proj"])
+    assert config.objective.name == "simpo" and config.objective.resolved_gamma == pytest.approx(1.0)
+    assert config.train.lr == 1e-5  # "1e-5" is a string in YAML 1.1; numbers are still read as numbers
+    assert config.lora.target_modules == ["q_proj"]
+    assert config.data.columns == {"prompt": "question"}
+    assert load_config(None).to_dict() == Config().to_dict()
+    # the resolved config round-trips through YAML
+    again = tmp_path / "again.yaml"
+    again.write_text(config.to_yaml())
+    assert load_config(again).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["objective.bta=0.1"], r"unknown key 'objective\.bta' \(did you mean 'objective\.beta'\?\)"),
+        (["trian.lr=0.1"], r"unknown key 'trian' \(did you mean 'train'\?\)"),
+        (["objective.name=dpoo"], r"objective\.name: 'dpoo' is not allowed \(did you mean 'dpo'\?\)"),
+        (["objective.beta=0"], r"objective\.beta must be > 0, got 0\.0"),
+        (["objective.beta=-1"], r"objective\.beta must be > 0"),
+        (["train.lr=0"], r"train\.lr must be > 0"),
+        (["train.lr=fast"], r"train\.lr: expected a number, got str 'fast'"),
+        (["train.batch_size=2.5"], r"train\.batch_size: expected a whole number, got float 2\.5"),
+        (["model.gradient_checkpointing=maybe"], r"model\.gradient_checkpointing: expected true or false"),
+        (["data.max_prompt_length=2048", "data.max_length=1024"], r"data\.max_prompt_length \(2048\) must be below"),
+        (["objective.name=dpo", "objective.gamma=0.5"], r"objective\.gamma / gamma_beta_ratio apply to simpo only"),
+        (["objective.name=simpo", "objective.gamma=0.5", "objective.gamma_beta_ratio=0.5"], r"not both"),
+        (["objective.label_smoothing=0.5"], r"objective\.label_smoothing must be in \[0, 0\.5\)"),
+        (["objective.name=ipo", "objective.robust=true"], r"objective\.robust applies to dpo and dpo_norm"),
+        (["data.columns.answer=x"], r"data\.columns\.answer: not a column Duet reads"),
+        (["data.format=sharegtp"], r"data\.format 'sharegtp' is unknown \(did you mean 'sharegpt'\?\)"),
+        (["train.run_name=../escape"], r"train\.run_name '\.\./escape' must be a plain folder name"),
+        (["lora.dropout=1.5"], r"lora\.dropout must be in \[0, 1\)"),
+        (["train"], r"override 'train': expected key=value"),
+        (["train.lr.x=1"], r"train\.lr: expected a number, got dict"),
+        (["train.lr=1", "train.lr.x=1"], r"'train\.lr' is not a section"),
+    ],
+)
+def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml: no such file"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"run\.yaml:2: not valid YAML"):
+        load_config(write(tmp_path, "train:\n\tlr: 1\n"))
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match=r"train: expected a mapping, got int 5"):
+        load_config(write(tmp_path, "train: 5\n"))
