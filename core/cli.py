@@ -34,6 +34,18 @@ def _inspect(args: argparse.Namespace) -> int:
     )
 
 
+def _run_main(argv: list[str]) -> int:
+    from core.run import main as run_main
+
+    return run_main(argv)
+
+
+def _bench_main(argv: list[str]) -> int:
+    from bench.__main__ import main as bench_main
+
+    return bench_main(argv)
+
+
 def _key_value(text: str, flag: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key or not value:
@@ -44,6 +56,14 @@ def _key_value(text: str, flag: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duet", description="Preference fine-tuning (DPO, SimPO, ...) with LoRA.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser("run", help="train headless (no arguments: the built-in demo)", add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    train.set_defaults(func=lambda args: _run_main(args.args))
+
+    bench = commands.add_parser("bench", help="measure speed and memory on a named workload", add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=lambda args: _bench_main(args.args))
 
     inspect = commands.add_parser("inspect", help="validate and tokenize preference data, show a pair token by token")
     inspect.add_argument("data", help="a .jsonl/.json/.parquet file (optionally .gz), dataset folder or hub id")

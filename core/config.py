@@ -103,6 +103,10 @@ class LoraConfig:
     layers: int | None = None  # adapt only the last N blocks (None: all)
 
     def validate(self) -> None:
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [self.target_modules]  # one module name, not a pattern
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules is empty: name the modules to adapt, or use all-linear.")
         _positive("lora.rank", self.rank)
         _positive("lora.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
@@ -166,7 +170,9 @@ class TrainConfig:
     eval_every: int | None = None  # steps; None: only at the end
     save_every: int | None = None  # steps; None: only at the end
     log_every: int = 1
+    keep_checkpoints: int = 2  # newest checkpoints kept in the run directory
     output_dir: str = "runs"
+    cache_dir: str | None = None  # reference log-probs and other caches; None: ~/.cache/duet
     run_name: str | None = None  # None: a timestamp
     nonfinite: Literal["stop", "skip"] = "stop"  # what to do when a loss or gradient is NaN/inf
     max_skipped_steps: int = 10
@@ -186,6 +192,8 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be ≥ 0, got {self.weight_decay}.")
         if self.max_grad_norm is not None:
             _positive("train.max_grad_norm", self.max_grad_norm)
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints must be ≥ 1, got {self.keep_checkpoints}.")
         for key in ("eval_every", "save_every", "log_every"):
             value = getattr(self, key)
             if value is not None:
@@ -303,6 +311,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if type(value) in args:  # the value already has one of the allowed types: keep it as it is
+            return _coerce(value, type(value), key)
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:

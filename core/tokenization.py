@@ -119,6 +119,7 @@ class ChatTokenizer:
         self.adds_bos = self.bos_id is not None and len(with_special) > len(without) and with_special[0] == self.bos_id
         self.special_texts = {t for t in tokenizer.all_special_tokens if t}
         self.special_texts |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        self._stop_ids: list[int] | None = None
 
     # -- rendering ------------------------------------------------------------------------------------
 
@@ -163,6 +164,27 @@ class ChatTokenizer:
             return []
         # verbose=False: our own truncation handles long texts, the model-max-length warning is noise
         return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def prompt_ids(self, conversation: list[dict[str, str]]) -> list[int]:
+        """The ids a model is given to reply to ``conversation`` (template, generation prompt, BOS)."""
+        return self.with_bos(self.encode([self.render(conversation, add_generation_prompt=True)])[0])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a reply: EOS and the special tokens the template closes a turn with."""
+        if self._stop_ids is None:
+            marked = self.render(
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}],
+                add_generation_prompt=False,
+            )
+            tail = self.encode([marked.partition(_SENTINEL)[2]])[0]
+            special = set(self.tokenizer.all_special_ids)
+            ids = [self.eos_id] if self.eos_id is not None else []
+            self._stop_ids = ids + [t for t in tail if t in special and t not in ids]
+        return self._stop_ids
 
     def with_bos(self, prompt_ids: list[int]) -> list[int]:
         """Exactly one BOS at the start when the tokenizer uses one: never none, never two."""

@@ -1,0 +1,215 @@
+"""The contract every backend implements, and backend selection.
+
+The core never touches torch or MLX: it hands a backend plain NumPy batches and gets plain floats and
+NumPy arrays back. A backend owns the model, its LoRA adapter, the optimizer and the hot kernels.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.batching import Batch
+from core.config import Config, LoraConfig
+from core.errors import DuetError
+from core.objectives import Objective
+from core.objectives.ops import ArrayOps
+
+
+class BackendError(DuetError):
+    """A backend that cannot run here, or cannot do what was asked."""
+
+
+@dataclass
+class StepResult:
+    """What one forward(/backward) over a batch reports back, as plain numbers."""
+
+    metrics: dict[str, float]  # the objective's metrics (TRL names), means over the batch's pairs
+    margins: np.ndarray  # [B] per-pair reward margins (chosen - rejected), for the histogram
+    num_pairs: int
+    num_tokens: int  # real tokens in the batch (both sequences of each pair)
+
+
+@dataclass
+class UpdateResult:
+    grad_norm: float  # before clipping
+    applied: bool  # False when the gradient was not finite and the update was skipped
+
+
+@dataclass
+class BackendInfo:
+    name: str
+    device: str
+    dtype: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """Model loading, LoRA, the masked log-prob kernel, reference log-probs, optimizer, adapter I/O, generation."""
+
+    name: str
+    ops: ArrayOps
+    tokenizer: Any
+
+    # -- model and adapter ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def load_model(self, path: str, *, trust_remote_code: bool = False) -> None:
+        """Load the base model and its tokenizer from a local folder or a hub id."""
+
+    @abstractmethod
+    def attach_lora(self, lora: LoraConfig, adapter_path: str | None = None) -> None:
+        """Add LoRA to the target modules: freshly initialized, or loaded from ``adapter_path``."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> int: ...
+
+    @abstractmethod
+    def total_parameters(self) -> int: ...
+
+    # -- compute ----------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def sequence_logps(self, batch: Batch, *, adapter: bool = True) -> np.ndarray:
+        """Summed response log-probs per row ([2B]), no gradient; ``adapter=False`` gives the base model."""
+
+    @abstractmethod
+    def forward_backward(
+        self, batch: Batch, objective: Objective, reference: np.ndarray | None, nll_weight: float, scale: float
+    ) -> StepResult:
+        """Policy forward and backward on one micro-batch; gradients of ``scale`` × loss accumulate."""
+
+    @abstractmethod
+    def evaluate(
+        self, batch: Batch, objective: Objective, reference: np.ndarray | None, nll_weight: float
+    ) -> StepResult:
+        """The objective on a batch with no gradient (eval mode)."""
+
+    @abstractmethod
+    def setup_optimizer(
+        self, *, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None: ...
+
+    @abstractmethod
+    def apply_gradients(self, lr: float, max_grad_norm: float | None) -> UpdateResult:
+        """Clip, check finiteness, step AdamW at ``lr`` and clear gradients. A non-finite gradient is not applied."""
+
+    @abstractmethod
+    def discard_gradients(self) -> None:
+        """Drop the accumulated gradients without an update (a step whose loss was not finite)."""
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def adapter_weights(self) -> dict[str, np.ndarray]:
+        """The LoRA weights under PEFT's key names (``base_model.model....lora_A.weight``), as float32."""
+
+    @abstractmethod
+    def save_adapter(self, directory: Path) -> None:
+        """Write the adapter in this backend's native format into an existing, empty folder."""
+
+    @abstractmethod
+    def load_adapter(self, directory: Path) -> None:
+        """Load adapter weights written by ``save_adapter`` into the attached LoRA layers."""
+
+    @abstractmethod
+    def optimizer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, JSON-able scalars) that restore the optimizer exactly."""
+
+    @abstractmethod
+    def load_optimizer_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def rng_state(self) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def set_rng_state(self, state: dict[str, np.ndarray]) -> None: ...
+
+    @abstractmethod
+    def seed(self, seed: int) -> None: ...
+
+    # -- generation and reporting -----------------------------------------------------------------------
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int = 0,
+        adapter: bool = True,
+        stop_ids: list[int] | None = None,
+        pad_id: int = 0,
+    ) -> list[list[int]]:
+        """Token ids generated after each prompt (ids, template applied), stopping at ``stop_ids``; with the
+        adapter on or off. Sampling is seeded and leaves the training RNG untouched."""
+
+    @abstractmethod
+    def info(self) -> BackendInfo: ...
+
+    def memory(self) -> dict[str, float]:
+        """Memory figures in bytes (peak and current where known)."""
+        return {"peak_rss": peak_rss_bytes()}
+
+
+def peak_rss_bytes() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def is_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def resolve_backend_name(choice: str) -> str:
+    """``auto``: MLX on Apple silicon (when it imports), torch elsewhere."""
+    if choice != "auto":
+        return choice
+    if is_apple_silicon():
+        try:
+            import mlx.core  # noqa: F401
+
+            return "mlx"
+        except ImportError:
+            pass
+    return "torch"
+
+
+def create_backend(config: Config) -> Backend:
+    """The backend a config asks for, with its model loaded and LoRA attached."""
+    name = resolve_backend_name(config.model.backend)
+    if name == "torch":
+        from backends.torch_backend.backend import TorchBackend
+
+        backend: Backend = TorchBackend(
+            device=config.model.device,
+            dtype=config.model.dtype,
+            gradient_checkpointing=config.model.gradient_checkpointing,
+            chunk_size=config.model.logprob_chunk_size,
+        )
+    elif name == "mlx":
+        try:
+            from backends.mlx_backend.backend import MlxBackend
+        except ImportError as exc:
+            raise BackendError(
+                f"the MLX backend cannot run here: {exc}. Install mlx and mlx-lm "
+                "(pip install 'mlx[cpu]' mlx-lm on Linux), or set model.backend=torch."
+            ) from None
+        backend = MlxBackend(
+            dtype=config.model.dtype,
+            gradient_checkpointing=config.model.gradient_checkpointing,
+            chunk_size=config.model.logprob_chunk_size,
+        )
+    else:
+        raise BackendError(f"unknown backend '{name}'; choose auto, torch or mlx.")
+    return backend

@@ -1,0 +1,433 @@
+"""The MLX backend: mlx-lm models and LoRA layers, the chunked response-only kernel, a compiled step, AdamW.
+
+Sequence lengths are padded to multiples of ``pad_to_multiple_of`` and response positions to multiples of
+``POSITION_BUCKET``, so the compiled step sees a handful of shapes instead of recompiling every batch.
+Dropout draws from MLX's global generator, re-seeded before every micro-batch from (seed, micro-batch
+count): resuming from a checkpoint replays exactly the same masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from backends.base import Backend, BackendError, BackendInfo, StepResult, UpdateResult, peak_rss_bytes
+from backends.mlx_backend.kernel import chunked_token_logps, output_head, response_positions, sequence_logps
+from backends.mlx_backend.ops import MlxOps
+from core.adapters import MLX_WEIGHTS, Adapter, AdapterError, mlx_tensors, read_adapter, write_mlx
+from core.batching import Batch
+from core.config import LoraConfig
+from core.models_io import ModelError, load_tokenizer, resolve_model_path
+from core.objectives import Objective, PolicyOutputs, evaluate
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+
+
+def _to_numpy(array: mx.array) -> np.ndarray:
+    return np.array(array.astype(mx.float32) if array.dtype == mx.bfloat16 else array)
+
+
+class MlxBackend(Backend):
+    name = "mlx"
+    pad_to_multiple_of = 32
+
+    def __init__(self, dtype: str = "auto", gradient_checkpointing: bool = False, chunk_size: int = 1024) -> None:
+        self.dtype_choice = dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.chunk_size = chunk_size
+        self.ops = MlxOps()
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.optimizer: optim.AdamW | None = None
+        self.lora: LoraConfig | None = None
+        self.lora_keys: list[str] = []
+        self.model_location = ""
+        self.model_revision: str | None = None
+        self._grads: Any = None
+        self._base_seed = 0
+        self._micro_batches = 0  # drives the dropout seed
+        self._compiled: dict[tuple[int, float], Any] = {}
+
+    # -- model and adapter ------------------------------------------------------------------------------
+
+    def load_model(self, path: str, *, trust_remote_code: bool = False) -> None:
+        from mlx_lm import load
+
+        location = resolve_model_path(path)
+        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        try:
+            model, _ = load(location, tokenizer_config={"trust_remote_code": trust_remote_code})
+        except (OSError, ValueError, KeyError, FileNotFoundError) as exc:
+            raise ModelError(
+                f"model {path}: mlx-lm could not load it ({str(exc).splitlines()[0]}). A model folder "
+                "needs config.json and *.safetensors weights of an architecture mlx-lm supports."
+            ) from None
+        self.use_model(model, self.tokenizer, location)
+
+    def use_model(self, model: Any, tokenizer: Any, location: str) -> None:
+        if self.dtype_choice != "auto":
+            model.set_dtype(DTYPES[self.dtype_choice])
+        model.freeze()
+        if self.gradient_checkpointing:
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(model.layers[0])
+        self.model, self.tokenizer, self.model_location = model, tokenizer, location
+
+    def _block_linear_keys(self) -> list[str]:
+        keys: set[str] = set()
+        for block in self.model.layers:
+            for name, module in block.named_modules():
+                if isinstance(module, LINEAR_TYPES):
+                    keys.add(name)
+        return sorted(keys)
+
+    def attach_lora(self, lora: LoraConfig, adapter_path: str | None = None) -> None:
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        available = self._block_linear_keys()
+        if lora.target_modules == "all-linear":
+            keys = available
+        else:
+            targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+            keys = [k for k in available if any(k == t or k.endswith("." + t) for t in targets)]
+            if not keys:
+                raise BackendError(
+                    f"lora.target_modules {targets}: none of them is a linear layer of this model's "
+                    f"blocks ({', '.join(available)})."
+                )
+        layers = len(self.model.layers) if lora.layers is None else min(lora.layers, len(self.model.layers))
+        linear_to_lora_layers(
+            self.model,
+            layers,
+            {"rank": lora.rank, "scale": lora.alpha / lora.rank, "dropout": lora.dropout, "keys": keys},
+        )
+        self.lora, self.lora_keys = lora, keys
+        self._compiled.clear()
+        if adapter_path is not None:
+            self.load_adapter(Path(adapter_path))
+        mx.eval(self.model.parameters())
+
+    def trainable_parameters(self) -> int:
+        return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
+
+    def total_parameters(self) -> int:
+        return sum(v.size for _, v in tree_flatten(self.model.parameters()))
+
+    def _lora_layers(self):
+        from mlx_lm.tuner.lora import LoRALinear
+
+        return [m for _, m in self.model.named_modules() if isinstance(m, LoRALinear)]
+
+    @contextlib.contextmanager
+    def _adapter(self, enabled: bool):
+        """With ``enabled`` False, every LoRA update is scaled by zero: exactly the base model."""
+        if enabled:
+            yield
+            return
+        layers = self._lora_layers()
+        scales = [layer.scale for layer in layers]
+        for layer in layers:
+            layer.scale = 0.0
+        try:
+            yield
+        finally:
+            for layer, scale in zip(layers, scales, strict=True):
+                layer.scale = scale
+
+    # -- compute ----------------------------------------------------------------------------------------
+
+    def _inputs(self, batch: Batch):
+        positions = response_positions(batch.input_ids, batch.loss_mask)
+        return mx.array(batch.input_ids), positions
+
+    def _token_logps(self):
+        return chunked_token_logps(output_head(self.model), self.chunk_size)
+
+    def sequence_logps(self, batch: Batch, *, adapter: bool = True) -> np.ndarray:
+        self.model.eval()
+        input_ids, positions = self._inputs(batch)
+        with self._adapter(adapter):
+            logps = sequence_logps(self.model, input_ids, positions, self._token_logps())
+            mx.eval(logps)
+        return np.array(logps).astype(np.float64)
+
+    def _loss_function(self, objective: Objective, nll_weight: float):
+        token_logps = self._token_logps()
+        ops = self.ops
+
+        def loss(model, input_ids, positions, lengths, reference, has_reference, scale):
+            logps = sequence_logps(model, input_ids, positions, token_logps)
+            pairs = input_ids.shape[0] // 2
+            ref = reference if has_reference else None
+            outputs = PolicyOutputs(
+                logps[:pairs],
+                logps[pairs:],
+                lengths[:pairs],
+                lengths[pairs:],
+                None if ref is None else ref[:pairs],
+                None if ref is None else ref[pairs:],
+            )
+            result = evaluate(objective, ops, outputs, nll_weight)
+            metrics = mx.stack([result.metrics[k] for k in sorted(result.metrics)])
+            return result.loss * scale, metrics, result.chosen_rewards - result.rejected_rewards
+
+        return loss
+
+    def _step_function(self, objective: Objective, nll_weight: float, train: bool):
+        key = (id(objective), nll_weight, train)
+        if key not in self._compiled:
+            loss = self._loss_function(objective, nll_weight)
+            metric_names = sorted(
+                evaluate(
+                    objective,
+                    self.ops,
+                    PolicyOutputs(mx.zeros(1), mx.zeros(1), mx.ones(1), mx.ones(1), mx.zeros(1), mx.zeros(1)),
+                    nll_weight,
+                ).metrics
+            )
+            if train:
+                value_and_grad = nn.value_and_grad(self.model, loss)
+
+                def step(input_ids, rows, columns, targets, valid, lengths, reference, scale):
+                    from backends.mlx_backend.kernel import Positions
+
+                    positions = Positions(rows, columns, targets, valid)
+                    (_, metrics, margins), grads = value_and_grad(
+                        self.model, input_ids, positions, lengths, reference, not objective.is_reference_free, scale
+                    )
+                    return metrics, margins, grads
+            else:
+
+                def step(input_ids, rows, columns, targets, valid, lengths, reference, scale):
+                    from backends.mlx_backend.kernel import Positions
+
+                    positions = Positions(rows, columns, targets, valid)
+                    _, metrics, margins = loss(
+                        self.model, input_ids, positions, lengths, reference, not objective.is_reference_free, scale
+                    )
+                    return metrics, margins
+
+            state = [self.model.state, mx.random.state]
+            self._compiled[key] = (mx.compile(step, inputs=state, outputs=[mx.random.state]), metric_names)
+        return self._compiled[key]
+
+    def _run(
+        self,
+        batch: Batch,
+        objective: Objective,
+        reference: np.ndarray | None,
+        nll_weight: float,
+        scale: float,
+        train: bool,
+    ):
+        step, names = self._step_function(objective, nll_weight, train)
+        input_ids, positions = self._inputs(batch)
+        lengths = mx.array(batch.response_lengths.astype(np.float32))
+        ref = mx.array(
+            np.zeros(len(batch.response_lengths), np.float32)
+            if reference is None
+            else np.asarray(reference, np.float32)
+        )
+        outputs = step(
+            input_ids,
+            positions.rows,
+            positions.columns,
+            positions.targets,
+            positions.valid,
+            lengths,
+            ref,
+            mx.array(scale, dtype=mx.float32),
+        )
+        return outputs, names
+
+    def forward_backward(
+        self, batch: Batch, objective: Objective, reference: np.ndarray | None, nll_weight: float, scale: float
+    ) -> StepResult:
+        self.model.train()
+        mx.random.seed(self._base_seed * 1_000_003 + self._micro_batches)
+        self._micro_batches += 1
+        (metrics, margins, grads), names = self._run(batch, objective, reference, nll_weight, scale, True)
+        self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
+        mx.eval(metrics, margins, self._grads)
+        return self._result(batch, names, metrics, margins)
+
+    def evaluate(
+        self, batch: Batch, objective: Objective, reference: np.ndarray | None, nll_weight: float
+    ) -> StepResult:
+        self.model.eval()
+        (metrics, margins), names = self._run(batch, objective, reference, nll_weight, 1.0, False)
+        mx.eval(metrics, margins)
+        return self._result(batch, names, metrics, margins)
+
+    @staticmethod
+    def _result(batch: Batch, names: list[str], metrics: mx.array, margins: mx.array) -> StepResult:
+        values = np.array(metrics).astype(np.float64)
+        return StepResult(
+            dict(zip(names, values.tolist(), strict=True)),
+            np.array(margins).astype(np.float64),
+            batch.num_pairs,
+            batch.num_tokens,
+        )
+
+    def setup_optimizer(
+        self, *, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        # bias_correction: the same update as torch.optim.AdamW
+        self.optimizer = optim.AdamW(
+            learning_rate=0.0, betas=list(betas), eps=eps, weight_decay=weight_decay, bias_correction=True
+        )
+        self.optimizer.init(self.model.trainable_parameters())
+
+    def apply_gradients(self, lr: float, max_grad_norm: float | None) -> UpdateResult:
+        assert self.optimizer is not None, "setup_optimizer() first"
+        grads = self._grads
+        self._grads = None
+        if max_grad_norm is not None:
+            grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
+        else:
+            norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+        grad_norm = float(norm)
+        if not np.isfinite(grad_norm):
+            return UpdateResult(grad_norm, False)
+        self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        return UpdateResult(grad_norm, True)
+
+    def discard_gradients(self) -> None:
+        self._grads = None
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    def _adapter_object(self) -> Adapter:
+        assert self.lora is not None
+        a, b = {}, {}
+        for name, value in tree_flatten(self.model.trainable_parameters()):
+            module, leaf = name.rsplit(".", 1)
+            (a if leaf == "lora_a" else b)[module] = _to_numpy(value).T.copy()
+        return Adapter(a, b, self.lora.rank, self.lora.alpha / self.lora.rank, self.lora.dropout, self.model_location)
+
+    def adapter_weights(self) -> dict[str, np.ndarray]:
+        from core.adapters import peft_tensors
+
+        return peft_tensors(self._adapter_object())
+
+    def save_adapter(self, directory: Path) -> None:
+        write_mlx(Path(directory), self._adapter_object(), len(self.model.layers))
+
+    def load_adapter(self, directory: Path) -> None:
+        try:
+            adapter = read_adapter(directory)
+            tensors, _ = mlx_tensors(adapter, len(self.model.layers))
+        except AdapterError as exc:
+            raise BackendError(str(exc)) from None
+        current = dict(tree_flatten(self.model.trainable_parameters()))
+        missing = sorted(set(current) - set(tensors))
+        extra = sorted(k for k in tensors if k not in current and np.any(tensors[k]))
+        wrong = sorted(k for k in current.keys() & tensors.keys() if tuple(current[k].shape) != tensors[k].shape)
+        if missing or extra or wrong:
+            problem = (
+                f"it lacks {missing[0]}"
+                if missing
+                else f"it has {extra[0]}, which this model has no LoRA on"
+                if extra
+                else f"{wrong[0]} has shape {tensors[wrong[0]].shape}, this model needs "
+                f"{tuple(current[wrong[0]].shape)}"
+            )
+            raise BackendError(
+                f"{directory}: the adapter does not fit this model and LoRA settings: {problem}. Use "
+                "the base model and LoRA settings it was trained with (see its adapter_config.json)."
+            )
+        dtype = next(iter(current.values())).dtype
+        self.model.load_weights([(k, mx.array(tensors[k]).astype(dtype)) for k in current], strict=False)
+        mx.eval(self.model.parameters())
+
+    def optimizer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        assert self.optimizer is not None
+        arrays = {k: _to_numpy(v) for k, v in tree_flatten(self.optimizer.state)}
+        return arrays, {"keys": sorted(arrays)}
+
+    def load_optimizer_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+        assert self.optimizer is not None
+        self.optimizer.state = tree_unflatten([(k, mx.array(v)) for k, v in arrays.items()])
+
+    def rng_state(self) -> dict[str, np.ndarray]:
+        return {"mlx_seed_and_micro_batches": np.array([self._base_seed, self._micro_batches], dtype=np.int64)}
+
+    def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
+        self._base_seed, self._micro_batches = (int(x) for x in state["mlx_seed_and_micro_batches"])
+
+    def seed(self, seed: int) -> None:
+        self._base_seed = seed
+        self._micro_batches = 0
+        mx.random.seed(seed)
+
+    # -- generation and reporting -----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int = 0,
+        adapter: bool = True,
+        stop_ids: list[int] | None = None,
+        pad_id: int = 0,
+    ) -> list[list[int]]:
+        from mlx_lm.generate import generate_step
+        from mlx_lm.sample_utils import make_sampler
+
+        self.model.eval()
+        stops = set(stop_ids or [])
+        replies = []
+        with self._adapter(adapter):
+            for index, prompt in enumerate(prompts):
+                mx.random.seed(seed * 100_003 + index)
+                tokens: list[int] = []
+                for token, _ in generate_step(
+                    mx.array(prompt), self.model, max_tokens=max_new_tokens, sampler=make_sampler(temp=temperature)
+                ):
+                    token = int(token)
+                    if token in stops:
+                        break
+                    tokens.append(token)
+                replies.append(tokens)
+        mx.random.seed(self._base_seed * 1_000_003 + self._micro_batches)  # training draws stay as they were
+        return replies
+
+    def info(self) -> BackendInfo:
+        import mlx
+
+        device = str(mx.default_device())
+        details: dict[str, Any] = {"mlx": getattr(mlx, "__version__", "?")}
+        with contextlib.suppress(Exception):  # CPU builds report no Metal keys
+            details.update({k: v for k, v in mx.device_info().items() if isinstance(v, (int, float, str))})
+        dtype = "?"
+        with contextlib.suppress(StopIteration):
+            dtype = str(next(v for _, v in tree_flatten(self.model.parameters())).dtype).replace("mlx.core.", "")
+        return BackendInfo("mlx", device, dtype, details)
+
+    def memory(self) -> dict[str, float]:
+        figures = {"peak_rss": peak_rss_bytes()}
+        with contextlib.suppress(Exception):
+            figures["peak_device"] = float(mx.get_peak_memory())
+            figures["device"] = float(mx.get_active_memory())
+        return figures
+
+
+def adapter_config(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / "adapter_config.json").read_text())
+
+
+__all__ = ["MLX_WEIGHTS", "MlxBackend", "adapter_config"]

@@ -1,0 +1,436 @@
+"""The PyTorch backend: transformers models, PEFT LoRA, the chunked response-only log-prob kernel, AdamW.
+
+bf16 on CUDA (LoRA weights kept in fp32, matmuls under autocast), fp16 with loss scaling on GPUs without
+bf16, fp32 on CPU and MPS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from backends.base import Backend, BackendError, BackendInfo, StepResult, UpdateResult, peak_rss_bytes
+from backends.torch_backend.kernel import logit_transform, masked_sequence_logps, naive_sequence_logps
+from backends.torch_backend.ops import TorchOps
+from core.batching import Batch
+from core.config import LoraConfig
+from core.errors import DuetError
+from core.models_io import ModelError, load_tokenizer, resolve_model_path
+from core.objectives import Objective, PolicyOutputs, evaluate
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class OutOfMemory(DuetError):
+    """The device ran out of memory; the message says which settings reduce it."""
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise BackendError(
+            "model.device=cuda, but torch sees no CUDA GPU here (torch "
+            f"{torch.__version__}, built for CUDA: {torch.version.cuda}). Use model.device=auto."
+        )
+    if choice == "mps" and not torch.backends.mps.is_available():
+        raise BackendError("model.device=mps, but MPS is not available here. Use model.device=auto.")
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice != "auto":
+        return DTYPES[choice]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Recompute each block's activations in the backward pass (non-reentrant, so frozen inputs are fine)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(what: str, batch: Batch | None = None):
+    """Turn the device's out-of-memory error into advice on the settings that reduce memory."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        shape = f" (batch of {batch.num_pairs} pairs × {batch.input_ids.shape[1]} tokens)" if batch else ""
+        raise OutOfMemory(
+            f"out of memory during {what}{shape}. To use less: lower train.batch_size and raise train.grad_accum "
+            "(same effective batch), lower data.max_length, set model.gradient_checkpointing=true, or lower "
+            "model.logprob_chunk_size."
+        ) from None
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(
+        self,
+        device: str = "auto",
+        dtype: str = "auto",
+        gradient_checkpointing: bool = False,
+        chunk_size: int = 1024,
+        naive_logits: bool = False,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.gradient_checkpointing = gradient_checkpointing
+        self.chunk_size = chunk_size
+        self.naive_logits = naive_logits  # the full-logits path, for benchmarks and checks only
+        self.ops = TorchOps()
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self._transform = None
+        self.model_location = ""
+        self.model_revision: str | None = None
+
+    # -- model and adapter ------------------------------------------------------------------------------
+
+    def load_model(self, path: str, *, trust_remote_code: bool = False) -> None:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        # PEFT still asks for a transformers attribute that now warns on every call; the warning is not ours
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        location = resolve_model_path(path)
+        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=self.dtype, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(
+                f"model {path}: could not load it with transformers ({str(exc).splitlines()[0]}). "
+                "A model folder needs config.json and its weights (*.safetensors)."
+            ) from None
+        self.use_model(model, self.tokenizer, location)
+        self.model_revision = getattr(model.config, "_commit_hash", None)
+
+    def use_model(self, model: Any, tokenizer: Any, location: str) -> None:
+        """Adopt a model built in memory (random-init benchmark shapes) instead of loading one."""
+        model.to(self.device, dtype=self.dtype)
+        model.config.use_cache = False
+        if self.gradient_checkpointing:
+            enable_checkpointing(model)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self.model, self.tokenizer = model, tokenizer
+        self.model_location, self.model_revision = location, None
+        self._transform = logit_transform(model.config)
+
+    def attach_lora(self, lora: LoraConfig, adapter_path: str | None = None) -> None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import PeftModel, get_peft_model
+
+        if adapter_path is not None:
+            self.model = PeftModel.from_pretrained(self.model, adapter_path, is_trainable=True)
+        else:
+            layers = None
+            if lora.layers is not None:
+                total = self.model.config.num_hidden_layers
+                layers = list(range(max(0, total - lora.layers), total))
+            config = PeftLoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                layers_to_transform=layers,
+                task_type="CAUSAL_LM",
+            )
+            try:
+                self.model = get_peft_model(self.model, config)
+            except ValueError as exc:
+                raise BackendError(f"lora.target_modules {lora.target_modules!r}: {exc}") from None
+        for parameter in self.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()  # fp32 master weights for the adapter
+
+    def _parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for _, p in self._parameters())
+
+    def total_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # -- compute ----------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def _tensors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        to = lambda a: torch.from_numpy(a).to(self.device, dtype=torch.long)  # noqa: E731
+        return to(batch.input_ids), to(batch.attention_mask), to(batch.loss_mask)
+
+    def _causal_lm(self):
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def _row_logps(self, batch: Batch) -> torch.Tensor:
+        causal_lm = self._causal_lm()
+        input_ids, attention_mask, loss_mask = self._tensors(batch)
+        with self._autocast():
+            if self.naive_logits:
+                return naive_sequence_logps(self.model, input_ids, attention_mask, loss_mask)
+            return masked_sequence_logps(
+                causal_lm.get_decoder(),
+                causal_lm.get_output_embeddings(),
+                input_ids,
+                attention_mask,
+                loss_mask,
+                self.chunk_size,
+                self._transform,
+            )
+
+    def _adapter_disabled(self, adapter: bool):
+        if adapter or not hasattr(self.model, "disable_adapter"):
+            return contextlib.nullcontext()
+        return self.model.disable_adapter()
+
+    @torch.no_grad()
+    def sequence_logps(self, batch: Batch, *, adapter: bool = True) -> np.ndarray:
+        self.model.eval()
+        with out_of_memory_advice("the log-prob pass", batch), self._adapter_disabled(adapter):
+            return self._row_logps(batch).double().cpu().numpy()
+
+    def _objective(
+        self, batch: Batch, logps: torch.Tensor, objective: Objective, reference: np.ndarray | None, nll_weight: float
+    ):
+        pairs = batch.num_pairs
+        lengths = torch.from_numpy(batch.response_lengths).to(self.device, dtype=torch.float32)
+        ref = None if reference is None else torch.from_numpy(np.asarray(reference)).to(self.device, torch.float32)
+        outputs = PolicyOutputs(
+            logps[:pairs],
+            logps[pairs:],
+            lengths[:pairs],
+            lengths[pairs:],
+            None if ref is None else ref[:pairs],
+            None if ref is None else ref[pairs:],
+        )
+        return evaluate(objective, self.ops, outputs, nll_weight)
+
+    def _step_result(self, batch: Batch, result) -> StepResult:
+        metrics = {key: float(value) for key, value in result.metrics.items()}
+        margins = (result.chosen_rewards - result.rejected_rewards).double().cpu().numpy()
+        return StepResult(metrics, margins, batch.num_pairs, batch.num_tokens)
+
+    def forward_backward(
+        self, batch: Batch, objective: Objective, reference: np.ndarray | None, nll_weight: float, scale: float
+    ) -> StepResult:
+        self.model.train()
+        with out_of_memory_advice("the training step", batch):
+            result = self._objective(batch, self._row_logps(batch), objective, reference, nll_weight)
+            loss = result.loss * scale
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return self._step_result(batch, result)
+
+    @torch.no_grad()
+    def evaluate(
+        self, batch: Batch, objective: Objective, reference: np.ndarray | None, nll_weight: float
+    ) -> StepResult:
+        self.model.eval()
+        with out_of_memory_advice("evaluation", batch):
+            result = self._objective(batch, self._row_logps(batch), objective, reference, nll_weight)
+        return self._step_result(batch, result)
+
+    def setup_optimizer(
+        self, *, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        params = [p for _, p in self._parameters()]
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            params, lr=0.0, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None
+        )
+        if self.device.type == "cuda" and self.dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler("cuda")
+
+    def apply_gradients(self, lr: float, max_grad_norm: float | None) -> UpdateResult:
+        assert self.optimizer is not None, "setup_optimizer() first"
+        params = [p for _, p in self._parameters()]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
+        finite = bool(np.isfinite(grad_norm))
+        if finite:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return UpdateResult(grad_norm, finite)
+
+    def discard_gradients(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    def adapter_weights(self) -> dict[str, np.ndarray]:
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.model)
+        # copies: on the CPU .numpy() would share memory with the live parameters
+        return {key: value.detach().float().cpu().numpy().copy() for key, value in state.items()}
+
+    def save_adapter(self, directory: Path) -> None:
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+
+    def load_adapter(self, directory: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        file = Path(directory) / "adapter_model.safetensors"
+        if not file.is_file():
+            raise BackendError(f"{directory}: no adapter_model.safetensors (a PEFT adapter folder is expected).")
+        weights = load_file(str(file))
+        expected = {k: tuple(v.shape) for k, v in self.adapter_weights().items()}
+        missing = sorted(set(expected) - set(weights))
+        wrong = sorted(k for k in expected.keys() & weights.keys() if tuple(weights[k].shape) != expected[k])
+        if missing or wrong:
+            problem = (
+                f"it lacks {missing[0]}"
+                if missing
+                else f"{wrong[0]} has shape {tuple(weights[wrong[0]].shape)}, this model needs {expected[wrong[0]]}"
+            )
+            raise BackendError(
+                f"{directory}: the adapter does not fit this model and LoRA settings: {problem}. Use "
+                "the base model and LoRA settings it was trained with (see its adapter_config.json)."
+            )
+        set_peft_model_state_dict(self.model, weights)
+
+    def optimizer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        assert self.optimizer is not None
+        arrays: dict[str, np.ndarray] = {}
+        steps: dict[str, float] = {}
+        for name, parameter in self._parameters():
+            state = self.optimizer.state.get(parameter)
+            if not state:
+                continue
+            arrays[f"{name}.exp_avg"] = state["exp_avg"].detach().cpu().numpy().copy()
+            arrays[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().numpy().copy()
+            steps[name] = float(state["step"])
+        scalars: dict[str, Any] = {"step": steps}
+        if self.scaler is not None:
+            scalars["grad_scaler"] = {
+                k: float(v) if isinstance(v, (int, float)) else v for k, v in self.scaler.state_dict().items()
+            }
+        return arrays, scalars
+
+    def load_optimizer_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+        assert self.optimizer is not None
+        for name, parameter in self._parameters():
+            if name not in scalars["step"]:
+                continue
+            self.optimizer.state[parameter] = {
+                "step": torch.tensor(scalars["step"][name], dtype=torch.float32),
+                "exp_avg": torch.from_numpy(arrays[f"{name}.exp_avg"].copy()).to(parameter.device),
+                "exp_avg_sq": torch.from_numpy(arrays[f"{name}.exp_avg_sq"].copy()).to(parameter.device),
+            }
+        if self.scaler is not None and "grad_scaler" in scalars:
+            self.scaler.load_state_dict(scalars["grad_scaler"])
+
+    def rng_state(self) -> dict[str, np.ndarray]:
+        state = {"torch_cpu": torch.get_rng_state().numpy()}
+        if self.device.type == "cuda":
+            for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+                state[f"torch_cuda_{index}"] = cuda_state.numpy()
+        return state
+
+    def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
+        torch.set_rng_state(torch.from_numpy(state["torch_cpu"].copy()))
+        if self.device.type == "cuda":
+            cuda = [torch.from_numpy(state[k].copy()) for k in sorted(state) if k.startswith("torch_cuda_")]
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    # -- generation and reporting -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int = 0,
+        adapter: bool = True,
+        stop_ids: list[int] | None = None,
+        pad_id: int = 0,
+    ) -> list[list[int]]:
+        self.model.eval()
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt) :] = 1
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+            if temperature > 0
+            else {"do_sample": False}
+        )
+        with (
+            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+            self._adapter_disabled(adapter),
+            self._autocast(),
+        ):
+            torch.manual_seed(seed)
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop_ids,
+                pad_token_id=pad_id,
+                use_cache=True,
+                **sampling,
+            )
+        replies = []
+        for row in output[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if stop_ids and t in stop_ids), len(row))
+            replies.append(row[:cut])
+        return replies
+
+    def info(self) -> BackendInfo:
+        details: dict[str, Any] = {"torch": torch.__version__}
+        if self.device.type == "cuda":
+            details["gpu"] = torch.cuda.get_device_name(self.device)
+        return BackendInfo("torch", str(self.device), str(self.dtype).replace("torch.", ""), details)
+
+    def memory(self) -> dict[str, float]:
+        figures = {"peak_rss": peak_rss_bytes()}
+        if self.device.type == "cuda":
+            figures["peak_device"] = float(torch.cuda.max_memory_allocated(self.device))
+            figures["device"] = float(torch.cuda.memory_allocated(self.device))
+        elif self.device.type == "mps":
+            figures["device"] = float(torch.mps.current_allocated_memory())
+        return figures

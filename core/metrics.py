@@ -1,0 +1,178 @@
+"""Metric events and where they go: ``metrics.jsonl``, the console, and Python callbacks.
+
+Every event is a flat JSON object with a ``type`` (start, reference, train, eval, checkpoint, warning,
+stopped, end, error) and TRL's metric names (``loss``, ``rewards/margins``, ``eval_rewards/accuracies``...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+Event = dict[str, Any]
+Callback = Callable[[Event], None]
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null rather than produce an unreadable line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    """Appends one event per line to ``metrics.jsonl``, each in a single write, flushed and fsynced."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "ab")  # noqa: SIM115 - held open for the whole run, closed by close()
+
+    def __call__(self, event: Event) -> None:
+        line = json.dumps(_clean(event), separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        self._handle.write(line)
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def offset(self) -> int:
+        return self._handle.tell()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def read_metrics(path: str | Path) -> list[Event]:
+    """The events in a metrics file; a torn last line (a run killed mid-write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a torn line: killed while writing it
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
+def truncate_metrics(path: str | Path, offset: int) -> None:
+    """Cut the file back to ``offset`` bytes: resuming drops events logged after the checkpoint."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size > offset:
+        with open(path, "r+b") as handle:
+            handle.truncate(offset)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _value(event: Event, key: str, spec: str = ".3f") -> str:
+    value = event.get(key)
+    return "–" if value is None else format(value, spec)
+
+
+class ConsoleReporter:
+    """A live progress bar in a terminal (loss, margin, accuracy, tokens/s, ETA); plain lines in a log."""
+
+    def __init__(self, console: Console | None = None, every_seconds: float = 10.0) -> None:
+        self.console = console or Console()
+        self.every_seconds = every_seconds
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._last_line = 0.0
+
+    def __call__(self, event: Event) -> None:
+        kind = event.get("type")
+        if kind == "start":
+            self._print(event["message"])
+            self._start(event)
+        elif kind == "train":
+            self._train(event)
+        elif kind == "eval":
+            metrics = "  ".join(
+                f"{k.removeprefix('eval_')} {event[k]:.4f}"
+                for k in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies")
+                if k in event
+            )
+            self._print(Text.assemble(("eval", "bold"), f" step {event['step']}: {metrics}"))
+        elif kind in ("warning", "error"):
+            self._print(Text.assemble((f"{kind}: ", "yellow" if kind == "warning" else "bold red"), event["message"]))
+        elif kind in ("reference", "checkpoint", "stopped", "info"):
+            self._print(Text(event["message"]))
+        elif kind == "end":
+            self._stop_progress()
+            self._print(Text(event["message"], style="bold green"))
+
+    def _print(self, text: Text | str) -> None:
+        # Text, never markup: messages carry paths and names with brackets that rich would read as tags
+        text = text if isinstance(text, Text) else Text(text)
+        (self._progress.console if self._progress else self.console).print(text, highlight=False)
+
+    def _start(self, event: Event) -> None:
+        if not self.console.is_terminal:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
+            console=self.console,
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(
+            "train", total=event["total_steps"], completed=event.get("start_step", 0), status="", eta="?"
+        )
+
+    def _train(self, event: Event) -> None:
+        status = (
+            f"loss {_value(event, 'loss', '.4f')}  margin {_value(event, 'rewards/margins')}  "
+            f"acc {_value(event, 'rewards/accuracies', '.2f')}  {_value(event, 'tokens_per_second', '.0f')} tok/s"
+        )
+        if self._progress is not None:
+            self._progress.update(
+                self._task, completed=event["step"], status=status, eta=format_duration(event.get("eta"))
+            )
+            return
+        now = time.monotonic()
+        if now - self._last_line >= self.every_seconds or event["step"] == event.get("total_steps"):
+            self._last_line = now
+            self._print(
+                f"step {event['step']}/{event.get('total_steps', '?')}  {status}  "
+                f"ETA {format_duration(event.get('eta'))}"
+            )
+
+    def _stop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def close(self) -> None:
+        self._stop_progress()

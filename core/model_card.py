@@ -1,0 +1,64 @@
+"""The README written beside an exported adapter: what was trained, how, on what, and how it ended."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core import __version__
+from core.config import Config
+
+
+def model_card(
+    config: Config,
+    *,
+    base_model: str,
+    data_fingerprint: str,
+    final_metrics: dict[str, Any],
+    pairs: int,
+    steps: int,
+    backend: str,
+) -> str:
+    objective = config.objective
+    hyper = [f"beta {objective.resolved_beta}"]
+    if objective.name == "simpo":
+        hyper.append(f"gamma {objective.resolved_gamma}")
+    if objective.label_smoothing:
+        hyper.append(f"label smoothing {objective.label_smoothing}{' (robust)' if objective.robust else ''}")
+    if objective.nll_weight:
+        hyper.append(f"NLL weight {objective.nll_weight}")
+    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(final_metrics.items()) if isinstance(v, (int, float)))
+    train = config.train
+    return f"""---
+library_name: peft
+base_model: {base_model}
+tags: [duet, lora, {objective.name}, preference-optimization]
+---
+
+# LoRA adapter trained with Duet ({objective.name})
+
+- Base model: `{base_model}`
+- Objective: `{objective.name}` ({", ".join(hyper)})
+- LoRA: rank {config.lora.rank}, alpha {config.lora.alpha}, dropout {config.lora.dropout}, targets
+  `{config.lora.target_modules}`{f", last {config.lora.layers} blocks" if config.lora.layers else ""}
+- Training: {steps} optimizer steps, batch {train.batch_size} pairs × {train.grad_accum} accumulation, lr {train.lr}
+  ({train.schedule}, warm-up ratio {train.warmup_ratio}), weight decay {train.weight_decay}, seed {train.seed},
+  backend {backend}
+- Data: `{config.data.train}` ({pairs} training pairs, max length {config.data.max_length}, max prompt length
+  {config.data.max_prompt_length}); token fingerprint `{data_fingerprint[:16]}`
+- Duet {__version__}
+
+## Final metrics
+
+| metric | value |
+|---|---|
+{metrics}
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_model}"), "path/to/this/folder")
+```
+"""

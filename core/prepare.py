@@ -1,0 +1,92 @@
+"""From a data config and a tokenizer to tokenized train and eval pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from core.config import DataConfig
+from core.data import LoadReport, PreferencePair, load_preferences
+from core.errors import DataError
+from core.tokenization import ChatTokenizer, TokenizedPair, TokenizeReport, tokenize_pairs
+
+
+@dataclass
+class PreparedSplit:
+    pairs: list[PreferencePair]  # as loaded (indexed by TokenizedPair.index)
+    tokenized: list[TokenizedPair]
+    load_report: LoadReport
+    tokenize_report: TokenizeReport
+
+
+@dataclass
+class PreparedData:
+    chat: ChatTokenizer
+    train: PreparedSplit
+    eval: PreparedSplit | None
+
+
+def resolve_data_source(source: str) -> str:
+    if source == "demo":
+        from models.tiny_chat import demo_data_path
+
+        return str(demo_data_path())
+    return source
+
+
+def _load_split(source: str, config: DataConfig, chat: ChatTokenizer) -> PreparedSplit:
+    pairs, load_report = load_preferences(
+        resolve_data_source(source),
+        format=config.format,
+        columns=config.columns,
+        split=config.split,
+        skip_invalid=config.skip_invalid,
+    )
+    tokenized, tokenize_report = tokenize_pairs(
+        pairs,
+        chat,
+        max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length,
+        skip_invalid=config.skip_invalid,
+    )
+    if not tokenized:
+        raise DataError(
+            f"{source}: no pair is left after tokenization ({tokenize_report.dropped_no_response} lost "
+            f"their replies to truncation at data.max_length={config.max_length}, "
+            f"data.max_prompt_length={config.max_prompt_length}). Raise max_length or lower "
+            "max_prompt_length; `duet inspect` shows the lengths."
+        )
+    return PreparedSplit(pairs, tokenized, load_report, tokenize_report)
+
+
+def prepare_data(config: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
+    chat = ChatTokenizer(tokenizer, config.chat_template)
+    train = _load_split(config.train, config, chat)
+    evaluation = None
+    if config.eval:
+        evaluation = _load_split(config.eval, config, chat)
+    elif config.eval_fraction > 0:
+        count = len(train.tokenized)
+        held_out = min(count - 1, max(1, round(config.eval_fraction * count)))
+        if held_out < 1:
+            raise DataError(
+                f"{config.train}: {count} pair(s) are too few to hold out data.eval_fraction="
+                f"{config.eval_fraction} for evaluation; add pairs or set data.eval_fraction=0."
+            )
+        order = np.random.default_rng([seed, 1]).permutation(count)
+        chosen = set(order[:held_out].tolist())
+        evaluation = PreparedSplit(
+            train.pairs,
+            [p for i, p in enumerate(train.tokenized) if i in chosen],
+            train.load_report,
+            train.tokenize_report,
+        )
+        train = PreparedSplit(
+            train.pairs,
+            [p for i, p in enumerate(train.tokenized) if i not in chosen],
+            train.load_report,
+            train.tokenize_report,
+        )
+    return PreparedData(chat, train, evaluation)

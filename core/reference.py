@@ -1,0 +1,120 @@
+"""Reference log-probs: computed once before training, cached on disk, shared by every backend.
+
+They are just two numbers per pair (summed log-probs of the chosen and rejected replies under the
+reference model), keyed by a fingerprint of everything they depend on: the base model's weights, the
+starting adapter if any, the compute dtype, and every token id of every pair (which covers the data,
+tokenizer, chat template and truncation).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from core.atomic import write_safetensors
+from core.batching import collate
+from core.fingerprint import combine, tokens_fingerprint
+from core.tokenization import TokenizedPair
+
+if TYPE_CHECKING:
+    from backends.base import Backend
+
+
+@dataclass
+class ReferenceLogps:
+    index: np.ndarray  # int64 [N]: each pair's index in the loaded data
+    chosen: np.ndarray  # float64 [N]
+    rejected: np.ndarray  # float64 [N]
+
+    def __post_init__(self) -> None:
+        self._position = {int(i): p for p, i in enumerate(self.index)}
+
+    def for_batch(self, pair_indices: np.ndarray) -> np.ndarray:
+        """[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], matching a batch's row layout."""
+        rows = np.array([self._position[int(i)] for i in pair_indices])
+        return np.concatenate([self.chosen[rows], self.rejected[rows]])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"index": self.index, "chosen": self.chosen, "rejected": self.rejected}
+
+    @classmethod
+    def from_file(cls, path: Path) -> ReferenceLogps:
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(path))
+        return cls(arrays["index"], arrays["chosen"], arrays["rejected"])
+
+
+def reference_key(model_fingerprint: str, pairs: list[TokenizedPair], dtype: str, start_adapter: str | None) -> str:
+    return combine("duet-reference-v1", model_fingerprint, start_adapter or "-", dtype, tokens_fingerprint(pairs))
+
+
+def compute_reference(
+    backend: Backend,
+    pairs: list[TokenizedPair],
+    *,
+    batch_size: int,
+    pad_id: int,
+    adapter: bool,
+    pad_to_multiple_of: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReferenceLogps:
+    """Log-probs of every pair under the reference model, batched longest first, with no gradient."""
+    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)
+    chosen = np.zeros(len(pairs))
+    rejected = np.zeros(len(pairs))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = collate([pairs[i] for i in rows], pad_id, pad_to_multiple_of)
+        logps = backend.sequence_logps(batch, adapter=adapter)
+        chosen[rows], rejected[rows] = logps[: len(rows)], logps[len(rows) :]
+        if progress is not None:
+            progress(min(start + batch_size, len(order)), len(order))
+    return ReferenceLogps(np.array([p.index for p in pairs], dtype=np.int64), chosen, rejected)
+
+
+def load_or_compute(
+    backend: Backend,
+    pairs: list[TokenizedPair],
+    key: str,
+    cache_dir: Path,
+    *,
+    batch_size: int,
+    pad_id: int,
+    adapter: bool,
+    pad_to_multiple_of: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[ReferenceLogps, bool]:
+    """(log-probs, whether they came from the cache)."""
+    path = cache_dir / "reference" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            cached = ReferenceLogps.from_file(path)
+            if len(cached.index) == len(pairs):
+                return cached, True
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is recomputed and replaced
+    reference = compute_reference(
+        backend,
+        pairs,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        adapter=adapter,
+        pad_to_multiple_of=pad_to_multiple_of,
+        progress=progress,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "pairs": str(len(pairs)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "backend": backend.name,
+        "info": json.dumps(backend.info().__dict__, default=str),
+    }
+    write_safetensors(path, reference.arrays(), metadata)
+    return reference, False
