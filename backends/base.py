@@ -40,6 +40,8 @@ class StepResult:
 class UpdateResult:
     grad_norm: float  # before clipping
     applied: bool  # False when the gradient was not finite and the update was skipped
+    # fp16 loss scaling overflowed: an expected event (the scale is lowered and the step skipped), not a fault
+    overflow: bool = False
 
 
 @dataclass

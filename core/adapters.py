@@ -216,25 +216,3 @@ def write_mlx(folder: Path, adapter: Adapter, num_layers: int) -> None:
         config["base_model"] = adapter.base_model
     write_safetensors(folder / MLX_WEIGHTS, tensors)
     write_json(folder / CONFIG, config)
-
-
-def merged_weights(weights: dict[str, np.ndarray], adapter: Adapter) -> dict[str, np.ndarray]:
-    """The base model's weights with ``W + scale · B A`` fused into every adapted linear layer (float32 math,
-    stored back in each weight's own dtype)."""
-    merged = dict(weights)
-    for module in adapter.a:
-        key = f"{module}.weight"
-        if key not in merged:
-            raise AdapterError(
-                f"the base model has no weight '{key}' for the adapter's module '{module}'; is this "
-                "the base model the adapter was trained on?"
-            )
-        base = merged[key]
-        delta = adapter.scale * (adapter.b[module].astype(np.float32) @ adapter.a[module].astype(np.float32))
-        if delta.shape != base.shape:
-            raise AdapterError(
-                f"'{key}' has shape {base.shape} but the adapter's update has {delta.shape}: the "
-                "adapter belongs to another base model."
-            )
-        merged[key] = (base.astype(np.float32) + delta).astype(base.dtype)
-    return merged

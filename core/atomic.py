@@ -27,6 +27,15 @@ class DiskError(DuetError):
     """Writing failed (disk full, permissions); nothing partial was left behind."""
 
 
+def _read_umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+_UMASK = _read_umask()  # read once, at import: changing the umask to read it is not thread-safe
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every file system lets a folder be opened for fsync
         fd = os.open(path, os.O_RDONLY)
@@ -90,8 +99,10 @@ def atomic_directory(final: str | Path, *, replace: bool = False) -> Iterator[Pa
     temp.mkdir()
     try:
         yield temp
+        mode = 0o666 & ~_UMASK  # some writers (safetensors) create private files; exports are for sharing
         for file in temp.rglob("*"):
             if file.is_file():
+                os.chmod(file, mode)
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
         _fsync_dir(temp)

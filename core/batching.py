@@ -90,17 +90,10 @@ def plan_batches(
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
     if group_by_length:
+        # windows of whole batches: a batch never straddles two sorted windows
         window = batch_size * MEGABATCH_FACTOR
-        order = (
-            np.concatenate(
-                [
-                    chunk[np.argsort(-lengths[chunk], kind="stable")]
-                    for chunk in np.array_split(order, max(1, -(-len(order) // window)))
-                ]
-            )
-            if len(order)
-            else order
-        )
+        chunks = [order[i : i + window] for i in range(0, len(order), window)]
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks]) if chunks else order
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()

@@ -107,6 +107,9 @@ def load_checkpoint(checkpoint: Path, backend: Backend, run_id: str) -> TrainerS
             json.loads((checkpoint / "optimizer.json").read_text()),
         )
         backend.set_rng_state(load_file(str(checkpoint / "rng.safetensors")))
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{checkpoint}: incomplete or damaged checkpoint ({exc}).") from None
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(
+            f"{checkpoint}: incomplete or damaged checkpoint ({exc}). Delete this checkpoint folder to resume "
+            "from the one before it."
+        ) from None
     return state

@@ -34,6 +34,20 @@ def _inspect(args: argparse.Namespace) -> int:
     )
 
 
+def _export(args: argparse.Namespace) -> int:
+    from core.export import export
+
+    out = export(args.source, args.to, args.out, base_model=args.base_model, force=args.force)
+    Console().print(f"wrote the {args.to} export to {out}", highlight=False)
+    return 0
+
+
+def _doctor() -> int:
+    from core.doctor import doctor
+
+    return doctor()
+
+
 def _run_main(argv: list[str]) -> int:
     from core.run import main as run_main
 
@@ -60,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("run", help="train headless (no arguments: the built-in demo)", add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER)
     train.set_defaults(func=lambda args: _run_main(args.args))
+
+    export = commands.add_parser("export", help="convert an adapter: PEFT ↔ mlx-lm, or merge it into the model")
+    export.add_argument("source", help="a run directory, a checkpoint, or an adapter folder (PEFT or mlx-lm)")
+    export.add_argument("--to", required=True, choices=["peft", "mlx", "merged"])
+    export.add_argument("out", help="the folder to write (must not exist, or be empty, unless --force)")
+    export.add_argument("--base-model", help="the base model (default: the run's model or the adapter's record)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    export.set_defaults(func=_export)
+
+    doctor = commands.add_parser("doctor", help="what this machine offers each backend")
+    doctor.set_defaults(func=lambda args: _doctor())
 
     bench = commands.add_parser("bench", help="measure speed and memory on a named workload", add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)

@@ -134,6 +134,11 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.label_smoothing applies to dpo, dpo_norm and simpo, not {self.name}.")
         if self.robust and self.name not in ("dpo", "dpo_norm"):
             raise ConfigError(f"objective.robust applies to dpo and dpo_norm, not {self.name}.")
+        if self.robust and not self.label_smoothing:
+            raise ConfigError(
+                "objective.robust needs objective.label_smoothing > 0 (the assumed rate of flipped "
+                "labels); with 0 it is plain DPO."
+            )
         if self.name != "simpo" and (self.gamma is not None or self.gamma_beta_ratio is not None):
             raise ConfigError(f"objective.gamma / gamma_beta_ratio apply to simpo only, not {self.name}.")
         if self.gamma is not None and self.gamma_beta_ratio is not None:

@@ -51,6 +51,11 @@ def _load_split(source: str, config: DataConfig, chat: ChatTokenizer) -> Prepare
         max_prompt_length=config.max_prompt_length,
         skip_invalid=config.skip_invalid,
     )
+    if not tokenized and tokenize_report.skipped_template_errors:
+        raise DataError(
+            f"{source}: the chat template rejected all {tokenize_report.skipped_template_errors} pairs; "
+            "run `duet inspect` without --skip-invalid to see the first error."
+        )
     if not tokenized:
         raise DataError(
             f"{source}: no pair is left after tokenization ({tokenize_report.dropped_no_response} lost "
@@ -75,7 +80,7 @@ def prepare_data(config: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
                 f"{config.train}: {count} pair(s) are too few to hold out data.eval_fraction="
                 f"{config.eval_fraction} for evaluation; add pairs or set data.eval_fraction=0."
             )
-        order = np.random.default_rng([seed, 1]).permutation(count)
+        order = np.random.default_rng([seed, 0xE7A1]).permutation(count)  # not the stream batch plans use
         chosen = set(order[:held_out].tolist())
         evaluation = PreparedSplit(
             train.pairs,

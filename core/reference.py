@@ -98,8 +98,8 @@ def load_or_compute(
             cached = ReferenceLogps.from_file(path)
             if len(cached.index) == len(pairs):
                 return cached, True
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache entry is recomputed and replaced
+        except Exception:  # any damage (safetensors raises its own types): recompute and replace
+            pass
     reference = compute_reference(
         backend,
         pairs,

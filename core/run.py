@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import signal
 import sys
 import threading
@@ -33,7 +34,7 @@ from core.model_card import model_card
 from core.objectives import build_objective
 from core.prepare import PreparedData, prepare_data
 from core.reference import ReferenceLogps, load_or_compute, reference_key
-from core.rundir import RunDirectory
+from core.rundir import RunDirectory, RunDirError
 from core.trainer import StopSignal, TrainData, schedule_length, train
 
 # Settings a resumed run may change: how long it goes on and how often it reports, not what it learns.
@@ -70,7 +71,7 @@ def resolve_config(config: Config | str | Path | dict | None, overrides: list[st
     """A Config object, a YAML path, a dict, or None for the demo; overrides apply on top."""
     if isinstance(config, Config):
         if not overrides:
-            return config.validate()
+            return absolute_paths(copy.deepcopy(config).validate())
         data = config.to_dict()
     elif isinstance(config, dict):
         data = dict(config)
@@ -78,7 +79,29 @@ def resolve_config(config: Config | str | Path | dict | None, overrides: list[st
         data = read_yaml(demo_config_path() if config is None else config)
     for override in overrides:
         apply_override(data, override)
-    return config_from_dict(data).validate()
+    return absolute_paths(config_from_dict(data).validate())
+
+
+def absolute_paths(config: Config) -> Config:
+    """Local paths become absolute, so the config saved in the run directory means the same from anywhere
+    (a resume from another working directory). Hub ids and "demo" stay as they are."""
+
+    def local(value: str | None) -> str | None:
+        if value is None or value == "demo":
+            return value
+        path = Path(value).expanduser()
+        return str(path.resolve()) if path.exists() else value
+
+    config.model.path = local(config.model.path) or config.model.path
+    config.model.adapter = local(config.model.adapter)
+    config.data.train = local(config.data.train) or config.data.train
+    config.data.eval = local(config.data.eval)
+    if config.data.chat_template not in ("auto", "plain", "chatml") and "{" not in config.data.chat_template:
+        config.data.chat_template = local(config.data.chat_template) or config.data.chat_template
+    config.train.output_dir = str(Path(config.train.output_dir).expanduser().resolve())
+    if config.train.cache_dir:
+        config.train.cache_dir = str(Path(config.train.cache_dir).expanduser().resolve())
+    return config
 
 
 class _Events:
@@ -200,12 +223,22 @@ def run(
     handle_signals: bool = True,
 ) -> RunResult:
     """Train as the config says; returns where the adapter is and the final metrics."""
-    from backends.base import create_backend
+    options = {
+        "callback": callback,
+        "console": console or Console(soft_wrap=True),
+        "stop": stop or StopSignal(),
+        "handle_signals": handle_signals,
+    }
+    if resume is None:
+        cfg = resolve_config(config, overrides)
+        backend, data, objective = _prepare(cfg)
+        run_dir = RunDirectory.create(cfg, fingerprints=_fingerprints(data))
+        with run_dir.lock():
+            return _execute(run_dir, cfg, backend, data, objective, None, resumed=False, **options)
 
-    console = console or Console(soft_wrap=True)
-    stop = stop or StopSignal()
-    if resume is not None:
-        run_dir = RunDirectory.open(resume)
+    run_dir = RunDirectory.open(resume)
+    with run_dir.lock():  # before anything else: never clean up or read what another live run is writing
+        run_dir.remove_stale_temporaries()
         for override in overrides:
             key = override.partition("=")[0].strip()
             if key not in RESUME_OVERRIDABLE:
@@ -214,62 +247,88 @@ def run(
                     f"a resumed run may change {', '.join(RESUME_OVERRIDABLE)}."
                 )
         cfg = run_dir.load_config(overrides)
-    else:
-        cfg = resolve_config(config, overrides)
-        run_dir = None
+        backend, data, objective = _prepare(cfg)
+        run_dir.check_fingerprints(_fingerprints(data))
+        state = None
+        checkpoint = latest_checkpoint(run_dir.path)
+        if checkpoint is not None:
+            backend.setup_optimizer(weight_decay=cfg.train.weight_decay)
+            state = load_checkpoint(checkpoint, backend, run_dir.run_id)
+            _, total = schedule_length(len(data.train.tokenized), cfg)
+            if state.step >= total:
+                raise RunDirError(
+                    f"{run_dir.path} finished all {state.step} steps; its adapter is in "
+                    f"{run_dir.adapter_dir}. To train on, resume with train.max_steps above {state.step}."
+                )
+        truncate_metrics(run_dir.metrics_file, state.metrics_offset if state else 0)
+        if overrides:
+            write_text(run_dir.config_file, cfg.to_yaml())
+        return _execute(run_dir, cfg, backend, data, objective, state, resumed=True, **options)
+
+
+def _prepare(cfg: Config):
+    """The backend with its model and LoRA, the tokenized data, the objective."""
+    from backends.base import create_backend
 
     backend = create_backend(cfg)
     backend.load_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     backend.seed(cfg.train.seed)
     backend.attach_lora(cfg.lora, adapter_path=cfg.model.adapter)
     data = prepare_data(cfg.data, backend.tokenizer, cfg.train.seed)
-    objective = build_objective(cfg.objective)
-    if run_dir is None:
-        run_dir = RunDirectory.create(cfg)
+    return backend, data, build_objective(cfg.objective)
 
-    with run_dir.lock():
-        state = None
-        if resume is not None:
-            checkpoint = latest_checkpoint(run_dir.path)
-            if checkpoint is not None:
-                backend.setup_optimizer(weight_decay=cfg.train.weight_decay)
-                state = load_checkpoint(checkpoint, backend, run_dir.run_id)
-            truncate_metrics(run_dir.metrics_file, state.metrics_offset if state else 0)
-            if overrides:
-                write_text(run_dir.config_file, cfg.to_yaml())
-        metrics_log = MetricsLog(run_dir.metrics_file)
-        reporter = ConsoleReporter(console)
-        emit = _Events([metrics_log, reporter] + ([callback] if callback else []))
-        try:
-            result = _train_and_export(
-                backend,
-                cfg,
-                data,
-                objective,
-                run_dir,
-                state,
-                emit,
-                stop,
-                metrics_log,
-                resumed=resume is not None,
-                handle_signals=handle_signals,
-                console=console,
+
+def _fingerprints(data: PreparedData) -> dict[str, str]:
+    prints = {"train": tokens_fingerprint(data.train.tokenized)}
+    if data.eval is not None:
+        prints["eval"] = tokens_fingerprint(data.eval.tokenized)
+    return prints
+
+
+def _execute(
+    run_dir: RunDirectory,
+    cfg: Config,
+    backend,
+    data: PreparedData,
+    objective,
+    state: TrainerState | None,
+    *,
+    resumed: bool,
+    callback,
+    console: Console,
+    stop: StopSignal,
+    handle_signals: bool,
+) -> RunResult:
+    """Train and export inside a locked run directory, every event to metrics.jsonl, the console and ``callback``."""
+    metrics_log = MetricsLog(run_dir.metrics_file)
+    reporter = ConsoleReporter(console)
+    emit = _Events([metrics_log, reporter] + ([callback] if callback else []))
+    try:
+        return _train_and_export(
+            backend,
+            cfg,
+            data,
+            objective,
+            run_dir,
+            state,
+            emit,
+            stop,
+            metrics_log,
+            resumed=resumed,
+            handle_signals=handle_signals,
+            console=console,
+        )
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            emit({"type": "error", "message": "interrupted; the newest checkpoint is intact"})
+        else:
+            emit(
+                {"type": "error", "message": str(exc) if isinstance(exc, DuetError) else f"{type(exc).__name__}: {exc}"}
             )
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                emit({"type": "error", "message": "interrupted; the newest checkpoint is intact"})
-            else:
-                emit(
-                    {
-                        "type": "error",
-                        "message": f"{type(exc).__name__}: {exc}" if not isinstance(exc, DuetError) else str(exc),
-                    }
-                )
-            raise
-        finally:
-            reporter.close()
-            metrics_log.close()
-    return result
+        raise
+    finally:
+        reporter.close()
+        metrics_log.close()
 
 
 def _train_and_export(

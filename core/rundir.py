@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core import __version__
-from core.atomic import remove_stale_temporaries, write_json, write_text
+from core.atomic import TEMP_PREFIX, remove_stale_temporaries, write_text
 from core.config import Config, load_config
 from core.errors import DuetError
 
@@ -50,26 +50,41 @@ class RunDirectory:
         return self.path / "adapter"
 
     @classmethod
-    def create(cls, config: Config) -> RunDirectory:
+    def create(cls, config: Config, fingerprints: dict[str, str] | None = None) -> RunDirectory:
+        """A new run directory; two runs started at once never share one (creation is exclusive)."""
         root = Path(config.train.output_dir).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
         name = config.train.run_name or time.strftime("%Y%m%d-%H%M%S")
         path = root / name
         if config.train.run_name is None:
             suffix = 1
-            while path.exists():
-                suffix += 1
-                path = root / f"{name}-{suffix}"
-        elif path.exists() and any(path.iterdir()):
-            raise RunDirError(
-                f"run directory {path} already exists. Resume it with --resume {path}, or choose "
-                "another train.run_name."
-            )
-        path.mkdir(parents=True, exist_ok=True)
+            while True:
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    suffix += 1
+                    path = root / f"{name}-{suffix}"
+        else:
+            path.mkdir(exist_ok=True)
         run = cls(path, uuid.uuid4().hex)
-        write_json(
-            path / RUN_FILE,
-            {"run_id": run.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "duet_version": __version__},
-        )
+        record = {
+            "run_id": run.run_id,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "duet_version": __version__,
+            "data_fingerprints": fingerprints or {},
+        }
+        temporary = path / f"{TEMP_PREFIX}{RUN_FILE}.{os.getpid()}"
+        write_text(temporary, json.dumps(record, indent=2) + "\n")
+        try:  # a hard link is created whole or not at all, and only if the name is free: one run per folder
+            os.link(temporary, path / RUN_FILE)
+        except FileExistsError:
+            raise RunDirError(
+                f"run directory {path} already holds a run. Resume it with --resume {path}, or choose "
+                "another train.run_name."
+            ) from None
+        finally:
+            temporary.unlink(missing_ok=True)
         write_text(run.config_file, config.to_yaml())
         return run
 
@@ -84,9 +99,23 @@ class RunDirectory:
             raise RunDirError(f"--resume {path}: not a Duet run directory (no readable {RUN_FILE}).") from None
         if not (path / CONFIG_FILE).is_file():
             raise RunDirError(f"--resume {path}: the run's {CONFIG_FILE} is missing.")
-        remove_stale_temporaries(path)
-        remove_stale_temporaries(path / "checkpoints")
         return cls(path, run_id)
+
+    def remove_stale_temporaries(self) -> None:
+        """What an interrupted write left behind; only ever called with the lock held."""
+        remove_stale_temporaries(self.path)
+        remove_stale_temporaries(self.path / "checkpoints")
+
+    def check_fingerprints(self, fingerprints: dict[str, str]) -> None:
+        """Resuming needs the very data the run started with (same files, tokenizer, template, truncation)."""
+        recorded = json.loads((self.path / RUN_FILE).read_text()).get("data_fingerprints") or {}
+        for split, value in recorded.items():
+            if fingerprints.get(split) != value:
+                raise RunDirError(
+                    f"--resume {self.path}: the {split} data differ from those the run started with "
+                    "(a changed data file, tokenizer, chat template or truncation setting). Restore "
+                    "them, or start a new run."
+                )
 
     def load_config(self, overrides: list[str] | tuple[str, ...] = ()) -> Config:
         return load_config(self.config_file, overrides)

@@ -35,6 +35,7 @@ CHATML_TEMPLATE = (
 )
 BUILTIN_TEMPLATES = {"plain": PLAIN_TEMPLATE, "chatml": CHATML_TEMPLATE}
 _SENTINEL = "\u2063DUET-REPLY\u2063"
+_PROBE = ({"role": "user", "content": "Hello"},)  # a conversation every template can render
 
 
 def resolve_chat_template(tokenizer: Any, choice: str | None) -> tuple[str, str]:
@@ -96,6 +97,7 @@ class TokenizeReport:
     rejected_truncated: int = 0
     template_fallback: int = 0  # pairs whose template renders earlier turns differently once a reply follows
     skipped_template_errors: int = 0
+    warnings: list[str] = field(default_factory=list)
     lengths: dict[str, np.ndarray] = field(default_factory=dict)  # prompt / chosen / rejected / pair
 
     def percentiles(self, which: str, points: tuple[int, ...] = (50, 90, 99, 100)) -> dict[int, int]:
@@ -120,6 +122,31 @@ class ChatTokenizer:
         self.special_texts = {t for t in tokenizer.all_special_tokens if t}
         self.special_texts |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         self._stop_ids: list[int] | None = None
+        self._turn_tail: str | None = None  # what the template writes after a reply's content
+        self.boundary_warning: str | None = None
+        self._probe_template()
+
+    def _probe_template(self) -> None:
+        """Render a one-turn conversation once, up front: a broken template is reported as such (not as a
+        problem with row 1), the end-of-turn text is learned, and the prompt/reply boundary is checked."""
+        import jinja2
+
+        try:
+            marked = self.render([*_PROBE, {"role": "assistant", "content": _SENTINEL}], False)
+            prompt = self.render(_PROBE, True)
+        except TemplateError as exc:
+            if isinstance(exc.__cause__, jinja2.TemplateSyntaxError):
+                raise TemplateError(f"{self.template_source} has a syntax error: {exc.__cause__}") from None
+            return  # a template that demands more (a system turn, say) is learned from the data instead
+        self._turn_tail = marked.partition(_SENTINEL)[2]
+        reply = "Sure, here it is."
+        joined = self.encode([prompt + reply])[0]
+        apart = self.encode([prompt])[0] + self.encode([reply])[0]
+        if joined != apart:
+            self.boundary_warning = (
+                "this tokenizer encodes a reply differently on its own than after its prompt (a SentencePiece "
+                "prefix space, say): the first reply token in training may differ from the one generated"
+            )
 
     # -- rendering ------------------------------------------------------------------------------------
 
@@ -153,10 +180,11 @@ class ChatTokenizer:
             head, _, tail = marked.partition(_SENTINEL)
             header = head[len(prompt) :] if head.startswith(prompt) else ""
             text, fallback = header + reply + tail, True
-        end = text.rfind(reply)
-        after_reply = text[end + len(reply) :] if end >= 0 else text
-        if self.tokenizer.eos_token and not any(mark in after_reply for mark in self.special_texts):
-            text += self.tokenizer.eos_token  # the template closes the turn with no special token: add EOS
+        if self._turn_tail is None:
+            marked = self.render([*conversation, {"role": "assistant", "content": _SENTINEL}], False)
+            self._turn_tail = marked.partition(_SENTINEL)[2]
+        if self.tokenizer.eos_token and not any(mark in self._turn_tail for mark in self.special_texts):
+            text += self.tokenizer.eos_token  # the template closes a turn with no special token: add EOS
         return text, fallback
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -176,11 +204,7 @@ class ChatTokenizer:
     def stop_ids(self) -> list[int]:
         """Token ids that end a reply: EOS and the special tokens the template closes a turn with."""
         if self._stop_ids is None:
-            marked = self.render(
-                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}],
-                add_generation_prompt=False,
-            )
-            tail = self.encode([marked.partition(_SENTINEL)[2]])[0]
+            tail = self.encode([self._turn_tail or ""])[0]
             special = set(self.tokenizer.all_special_ids)
             ids = [self.eos_id] if self.eos_id is not None else []
             self._stop_ids = ids + [t for t in tail if t in special and t not in ids]
@@ -207,6 +231,8 @@ def tokenize_pairs(
 ) -> tuple[list[TokenizedPair], TokenizeReport]:
     """Tokenize every pair; truncate (prompt from the left, replies from the right); drop empty replies."""
     report = TokenizeReport(template=chat_tokenizer.template_source, pairs_in=len(pairs))
+    if chat_tokenizer.boundary_warning:
+        report.warnings.append(chat_tokenizer.boundary_warning)
     texts: list[tuple[int, str, str, str]] = []
     for index, pair in enumerate(pairs):
         try:
@@ -232,6 +258,7 @@ def tokenize_pairs(
             max_length,
             max_prompt_length,
             chat_tokenizer.bos_id,
+            chat_tokenizer.adds_bos,
         )
         if item is None:
             report.dropped_no_response += 1
@@ -258,13 +285,14 @@ def truncate_pair(
     max_length: int,
     max_prompt_length: int | None,
     bos_id: int | None,
+    adds_bos: bool = False,
 ) -> TokenizedPair | None:
     """Keep the end of a long prompt (and its BOS), cut replies at ``max_length``; None if a reply is lost."""
     prompt_truncated = bool(max_prompt_length) and len(prompt) > max_prompt_length
     if prompt_truncated:
-        # A BOS that starts the sequence only once is a true sequence start and stays; one that also opens
-        # every turn (SmolLM's <|im_start|>) is cut like any other token.
-        keep_bos = bos_id is not None and prompt[0] == bos_id and prompt.count(bos_id) == 1
+        # A BOS the tokenizer adds, or one that starts the sequence only once, is a true sequence start and
+        # stays; one that also opens every turn (SmolLM's <|im_start|>) is cut like any other token.
+        keep_bos = bos_id is not None and prompt[0] == bos_id and (adds_bos or prompt.count(bos_id) == 1)
         tail = max_prompt_length - 1 if keep_bos else max_prompt_length
         prompt = ([bos_id] if keep_bos else []) + prompt[len(prompt) - tail :]
     budget = max_length - len(prompt)

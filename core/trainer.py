@@ -163,7 +163,16 @@ def train(
         else:
             backend.discard_gradients()
         state.epoch, state.batch_in_epoch = micro[-1][0], micro[-1][1]
-        if not (loss_finite and update.applied):
+        if loss_finite and not update.applied and update.overflow:
+            emit(
+                {
+                    "type": "warning",
+                    "step": state.step + 1,
+                    "message": f"step {state.step + 1}: fp16 loss scale "
+                    "overflowed; the scale was lowered and this step skipped (normal early in fp16 training)",
+                }
+            )
+        elif not (loss_finite and update.applied):
             what = "loss" if not loss_finite else f"gradient (norm {update.grad_norm})"
             message = (
                 f"step {state.step + 1}: the {what} is not finite at {_describe_batch(micro)}; "

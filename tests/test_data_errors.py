@@ -276,3 +276,47 @@ def test_forced_format_must_exist(tmp_path: Path) -> None:
     path.write_bytes(lines(GOOD_EXPLICIT))
     with pytest.raises(DataError, match="unknown data format 'sharegtp'"):
         load_preferences(path, format="sharegtp")
+
+
+def test_more_bad_values(tmp_path: Path) -> None:
+    cases = {
+        "surrogate.jsonl": (
+            b'{"prompt": "bad \\ud800 text", "chosen": "a", "rejected": "b"}\n',
+            r":1: field 'prompt': contains a character that is not valid Unicode \('\\ud800'",
+        ),
+        "nan.jsonl": (
+            lines(
+                {
+                    "prompt": "q",
+                    "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                    "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+                    "score_chosen": float("nan"),
+                }
+            ),
+            r":1: field 'score_chosen': expected a finite number",
+        ),
+        "tool.jsonl": (
+            lines({"prompt": [{"role": "tool", "content": "42"}], "chosen": "a", "rejected": "b"}),
+            r":1: field 'prompt': the prompt has no user turn",
+        ),
+    }
+    for name, (content, pattern) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(DataError, match=re.escape(str(path)) + pattern):
+            load_preferences(path)
+
+
+def test_json_documents_of_every_shape(tmp_path: Path) -> None:
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(GOOD_IMPLICIT, indent=2))  # a single row: not mistaken for a {"data": [...]} wrapper
+    pairs, report = load_preferences(one)
+    assert report.format == "implicit" and len(pairs) == 1
+    stream = tmp_path / "stream.json"
+    stream.write_text("\n".join(json.dumps(GOOD_EXPLICIT, indent=2) for _ in range(3)))  # pretty-printed, back to back
+    pairs, _ = load_preferences(stream, skip_invalid=True)
+    assert [p.location.line for p in pairs] == [1, 6, 11]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(GOOD_EXPLICIT, indent=2) + '\n{\n  "prompt": }\n')
+    with pytest.raises(DataError, match=re.escape(str(broken)) + r":7: invalid JSON"):
+        load_preferences(broken)

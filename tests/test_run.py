@@ -167,3 +167,56 @@ def test_the_demo_from_the_readme_command(tmp_path: Path) -> None:
     assert seconds < 180, f"the demo took {seconds:.0f}s"
     summary = json.loads((Path(adapter.group(1)).parent / "run.json").read_text())
     assert summary["run_id"]
+
+
+def test_lora_on_the_last_blocks_only(tmp_path: Path) -> None:
+    result = run(quick_config(tmp_path, lora={"layers": 2}, train={"max_steps": 1}), console=quiet())
+    weights = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    layers = {int(re.search(r"layers\.(\d+)\.", k).group(1)) for k in weights}
+    assert layers == {2, 3} and len(weights) == 2 * 7 * 2
+
+
+def test_resume_refuses_changed_data_and_finished_runs(tmp_path: Path) -> None:
+    stop = StopSignal()
+    config = quick_config(tmp_path, train={"max_steps": 4})
+    first = run(
+        config,
+        console=quiet(),
+        stop=stop,
+        callback=lambda e: stop.request() if e["type"] == "train" and e["step"] == 2 else None,
+    )
+    data = Path(config.data.train)
+    original = data.read_text()
+    data.write_text(original.replace("Name a", "Name one", 1))
+    from core.rundir import RunDirError
+
+    with pytest.raises(RunDirError, match=r"the (train|eval) data differ from those the run started with"):
+        run(resume=first.run_dir, console=quiet())
+    data.write_text(original)
+    finished = run(resume=first.run_dir, console=quiet())
+    assert finished.state.step == 4
+    with pytest.raises(RunDirError, match=r"finished all 4 steps; .* resume with train\.max_steps above 4"):
+        run(resume=first.run_dir, console=quiet())
+    longer = run(resume=first.run_dir, overrides=["train.max_steps=5"], console=quiet())
+    assert longer.state.step == 5
+    with pytest.raises(Exception, match=r"objective\.beta: cannot change when resuming"):
+        run(resume=first.run_dir, overrides=["objective.beta=0.3"], console=quiet())
+
+
+def test_the_saved_config_uses_absolute_paths(tmp_path: Path, monkeypatch) -> None:
+    config = quick_config(tmp_path, train={"max_steps": 1})
+    monkeypatch.chdir(tmp_path)
+    config.data.train = "prefs.jsonl"  # relative to the working directory
+    config.train.output_dir = "runs"
+    result = run(config, console=quiet())
+    saved = (result.run_dir / "config.yaml").read_text()
+    assert f"train: {tmp_path / 'prefs.jsonl'}" in saved and str(result.run_dir).startswith(str(tmp_path))
+
+
+def test_a_damaged_reference_cache_entry_is_recomputed(tmp_path: Path) -> None:
+    config = quick_config(tmp_path, train={"max_steps": 1})
+    run(config, console=quiet())
+    for entry in (tmp_path / "cache" / "reference").glob("*.safetensors"):
+        entry.write_bytes(b"garbage")
+    again = run(config, console=quiet())
+    assert [e["cache_hit"] for e in again.events if e["type"] == "reference"] == [False, False]

@@ -191,3 +191,40 @@ def test_truncation_counts_in_the_report(fixture_data: Path, qwen_tokenizer) -> 
     tokenized, report = tokenize_pairs(pairs, chat, max_length=300, max_prompt_length=None)
     assert report.dropped_no_response == sum(len(i.prompt_ids) >= 300 for i in full) > 0
     assert report.pairs_out + report.dropped_no_response == len(pairs)
+
+
+def test_short_replies_get_no_second_eos(fixture_data, qwen_tokenizer) -> None:
+    """A reply that is a substring of the end-of-turn marker ("im", "end") is closed exactly once."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import TOKENIZERS
+
+    smol = AutoTokenizer.from_pretrained(TOKENIZERS / "smollm-360m-instruct")
+    for tokenizer in (smol, qwen_tokenizer):
+        chat = ChatTokenizer(tokenizer)
+        for reply in ("end", "im", "s", "|"):
+            _, chosen, _, _ = chat.split_texts(PreferencePair((Message("user", "Hi"),), reply, "other"))
+            assert chosen == f"{reply}<|im_end|>\n", (reply, chosen)
+
+
+def test_a_truncated_prompt_keeps_the_bos_the_tokenizer_adds() -> None:
+    # Llama-2 style: "<s>[INST]" opens every turn, and the tokenizer adds the first <s> itself
+    item = truncate_pair(0, [1, 5, 6, 1, 7, 8, 9], [10], [11], 20, 3, bos_id=1, adds_bos=True)
+    assert item.prompt_ids.tolist() == [1, 8, 9]
+    item = truncate_pair(0, [1, 5, 6, 1, 7, 8, 9], [10], [11], 20, 3, bos_id=1, adds_bos=False)
+    assert item.prompt_ids.tolist() == [7, 8, 9]  # SmolLM style: <|im_start|> is an ordinary turn opener
+
+
+def test_a_template_with_a_syntax_error_is_reported_as_such() -> None:
+    with pytest.raises(TemplateError, match="has a syntax error"):
+        ChatTokenizer(bos_tokenizer(None), "{% for m in messages %}{{ m.content }")
+
+
+def test_the_reply_boundary_check_flags_tokenizers_that_merge_across_it(qwen_tokenizer) -> None:
+    assert ChatTokenizer(qwen_tokenizer).boundary_warning is None
+    # a generation prompt ending in a space: joined, byte-level BPE merges it into the reply's first word
+    chat = ChatTokenizer(
+        qwen_tokenizer,
+        "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}Answer: {% endif %}",
+    )
+    assert chat.boundary_warning and "differently on its own" in chat.boundary_warning

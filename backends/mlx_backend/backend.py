@@ -178,8 +178,10 @@ class MlxBackend(Backend):
                 None if ref is None else ref[pairs:],
             )
             result = evaluate(objective, ops, outputs, nll_weight)
+            # One auxiliary array (metrics, then per-pair margins): mx.compile over value_and_grad fails
+            # ("_Map_base::at") when a function returns several auxiliary arrays (mlx 0.32).
             metrics = mx.stack([result.metrics[k] for k in sorted(result.metrics)])
-            return result.loss * scale, metrics, result.chosen_rewards - result.rejected_rewards
+            return result.loss * scale, mx.concatenate([metrics, result.chosen_rewards - result.rejected_rewards])
 
         return loss
 
@@ -202,23 +204,25 @@ class MlxBackend(Backend):
                     from backends.mlx_backend.kernel import Positions
 
                     positions = Positions(rows, columns, targets, valid)
-                    (_, metrics, margins), grads = value_and_grad(
+                    (_, aux), grads = value_and_grad(
                         self.model, input_ids, positions, lengths, reference, not objective.is_reference_free, scale
                     )
-                    return metrics, margins, grads
+                    return aux, grads
             else:
 
                 def step(input_ids, rows, columns, targets, valid, lengths, reference, scale):
                     from backends.mlx_backend.kernel import Positions
 
                     positions = Positions(rows, columns, targets, valid)
-                    _, metrics, margins = loss(
+                    _, aux = loss(
                         self.model, input_ids, positions, lengths, reference, not objective.is_reference_free, scale
                     )
-                    return metrics, margins
+                    return aux
 
+            # The model state is an output too: nn.value_and_grad writes the traced parameters into the model
+            # while tracing, and listing the state as an output puts the real arrays back after each call.
             state = [self.model.state, mx.random.state]
-            self._compiled[key] = (mx.compile(step, inputs=state, outputs=[mx.random.state]), metric_names)
+            self._compiled[key] = (mx.compile(step, inputs=state, outputs=state), metric_names)
         return self._compiled[key]
 
     def _run(
@@ -256,28 +260,25 @@ class MlxBackend(Backend):
         self.model.train()
         mx.random.seed(self._base_seed * 1_000_003 + self._micro_batches)
         self._micro_batches += 1
-        (metrics, margins, grads), names = self._run(batch, objective, reference, nll_weight, scale, True)
+        (aux, grads), names = self._run(batch, objective, reference, nll_weight, scale, True)
         self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
-        mx.eval(metrics, margins, self._grads)
-        return self._result(batch, names, metrics, margins)
+        mx.eval(aux, self._grads)
+        return self._result(batch, names, aux)
 
     def evaluate(
         self, batch: Batch, objective: Objective, reference: np.ndarray | None, nll_weight: float
     ) -> StepResult:
         self.model.eval()
-        (metrics, margins), names = self._run(batch, objective, reference, nll_weight, 1.0, False)
-        mx.eval(metrics, margins)
-        return self._result(batch, names, metrics, margins)
+        aux, names = self._run(batch, objective, reference, nll_weight, 1.0, False)
+        mx.eval(aux)
+        return self._result(batch, names, aux)
 
     @staticmethod
-    def _result(batch: Batch, names: list[str], metrics: mx.array, margins: mx.array) -> StepResult:
-        values = np.array(metrics).astype(np.float64)
-        return StepResult(
-            dict(zip(names, values.tolist(), strict=True)),
-            np.array(margins).astype(np.float64),
-            batch.num_pairs,
-            batch.num_tokens,
-        )
+    @staticmethod
+    def _result(batch: Batch, names: list[str], aux: mx.array) -> StepResult:
+        values = np.array(aux).astype(np.float64)
+        metrics = dict(zip(names, values[: len(names)].tolist(), strict=True))
+        return StepResult(metrics, values[len(names) :], batch.num_pairs, batch.num_tokens)
 
     def setup_optimizer(
         self, *, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
@@ -407,10 +408,10 @@ class MlxBackend(Backend):
         return replies
 
     def info(self) -> BackendInfo:
-        import mlx
+        import importlib.metadata
 
         device = str(mx.default_device())
-        details: dict[str, Any] = {"mlx": getattr(mlx, "__version__", "?")}
+        details: dict[str, Any] = {"mlx": importlib.metadata.version("mlx")}
         with contextlib.suppress(Exception):  # CPU builds report no Metal keys
             details.update({k: v for k, v in mx.device_info().items() if isinstance(v, (int, float, str))})
         dtype = "?"

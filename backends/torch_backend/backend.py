@@ -51,8 +51,19 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice != "auto":
         return DTYPES[choice]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # native bf16 only (Ampere and later): T4/V100 would emulate it slowly; they get fp16 with loss scaling
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
+
+
+def block_linear_names(model: Any) -> list[str]:
+    """The names of the linear layers inside the transformer blocks (what "all-linear" means)."""
+    names = set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if isinstance(module, torch.nn.Linear) and "layers" in parts:
+            names.add(parts[-1])
+    return sorted(names)
 
 
 def enable_checkpointing(model: Any) -> None:
@@ -129,7 +140,9 @@ class TorchBackend(Backend):
 
     def use_model(self, model: Any, tokenizer: Any, location: str) -> None:
         """Adopt a model built in memory (random-init benchmark shapes) instead of loading one."""
-        model.to(self.device, dtype=self.dtype)
+        # only the device: loading already chose the dtype, and casting again would also cast buffers that
+        # must stay fp32 (rotary frequencies, modules transformers keeps in fp32)
+        model.to(self.device)
         model.config.use_cache = False
         if self.gradient_checkpointing:
             enable_checkpointing(model)
@@ -144,21 +157,30 @@ class TorchBackend(Backend):
         from peft import PeftModel, get_peft_model
 
         if adapter_path is not None:
-            self.model = PeftModel.from_pretrained(self.model, adapter_path, is_trainable=True)
+            try:
+                self.model = PeftModel.from_pretrained(self.model, adapter_path, is_trainable=True)
+            except (ValueError, OSError, KeyError, RuntimeError) as exc:
+                raise BackendError(
+                    f"model.adapter {adapter_path}: PEFT could not load it onto this model "
+                    f"({str(exc).splitlines()[0]})."
+                ) from None
         else:
             layers = None
+            targets = lora.target_modules
             if lora.layers is not None:
                 total = self.model.config.num_hidden_layers
                 layers = list(range(max(0, total - lora.layers), total))
-            config = PeftLoraConfig(
-                r=lora.rank,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                layers_to_transform=layers,
-                task_type="CAUSAL_LM",
-            )
+                if targets == "all-linear":  # PEFT takes a layer subset only with named modules
+                    targets = block_linear_names(self.model)
             try:
+                config = PeftLoraConfig(
+                    r=lora.rank,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=targets,
+                    layers_to_transform=layers,
+                    task_type="CAUSAL_LM",
+                )
                 self.model = get_peft_model(self.model, config)
             except ValueError as exc:
                 raise BackendError(f"lora.target_modules {lora.target_modules!r}: {exc}") from None
@@ -214,7 +236,8 @@ class TorchBackend(Backend):
     def sequence_logps(self, batch: Batch, *, adapter: bool = True) -> np.ndarray:
         self.model.eval()
         with out_of_memory_advice("the log-prob pass", batch), self._adapter_disabled(adapter):
-            return self._row_logps(batch).double().cpu().numpy()
+            # float32 on the device (MPS has no float64), float64 on the host
+            return self._row_logps(batch).float().cpu().numpy().astype(np.float64)
 
     def _objective(
         self, batch: Batch, logps: torch.Tensor, objective: Objective, reference: np.ndarray | None, nll_weight: float
@@ -234,7 +257,7 @@ class TorchBackend(Backend):
 
     def _step_result(self, batch: Batch, result) -> StepResult:
         metrics = {key: float(value) for key, value in result.metrics.items()}
-        margins = (result.chosen_rewards - result.rejected_rewards).double().cpu().numpy()
+        margins = (result.chosen_rewards - result.rejected_rewards).float().cpu().numpy().astype(np.float64)
         return StepResult(metrics, margins, batch.num_pairs, batch.num_tokens)
 
     def forward_backward(
@@ -284,7 +307,7 @@ class TorchBackend(Backend):
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return UpdateResult(grad_norm, finite)
+        return UpdateResult(grad_norm, finite, overflow=not finite and self.scaler is not None)
 
     def discard_gradients(self) -> None:
         if self.optimizer is not None:
@@ -348,8 +371,13 @@ class TorchBackend(Backend):
         for name, parameter in self._parameters():
             if name not in scalars["step"]:
                 continue
+            # fused and capturable AdamW keep "step" on the parameter's device, the others on the CPU
+            group = self.optimizer.param_groups[0]
+            on_device = group.get("fused") or group.get("capturable")
             self.optimizer.state[parameter] = {
-                "step": torch.tensor(scalars["step"][name], dtype=torch.float32),
+                "step": torch.tensor(
+                    scalars["step"][name], dtype=torch.float32, device=parameter.device if on_device else "cpu"
+                ),
                 "exp_avg": torch.from_numpy(arrays[f"{name}.exp_avg"].copy()).to(parameter.device),
                 "exp_avg_sq": torch.from_numpy(arrays[f"{name}.exp_avg_sq"].copy()).to(parameter.device),
             }
@@ -361,6 +389,8 @@ class TorchBackend(Backend):
         if self.device.type == "cuda":
             for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
                 state[f"torch_cuda_{index}"] = cuda_state.numpy()
+        elif self.device.type == "mps":
+            state["torch_mps"] = torch.mps.get_rng_state().numpy()
         return state
 
     def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
@@ -369,6 +399,8 @@ class TorchBackend(Backend):
             cuda = [torch.from_numpy(state[k].copy()) for k in sorted(state) if k.startswith("torch_cuda_")]
             if cuda:
                 torch.cuda.set_rng_state_all(cuda)
+        elif self.device.type == "mps" and "torch_mps" in state:
+            torch.mps.set_rng_state(torch.from_numpy(state["torch_mps"].copy()))
 
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
@@ -400,7 +432,10 @@ class TorchBackend(Backend):
             else {"do_sample": False}
         )
         with (
-            torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+            torch.random.fork_rng(
+                devices=[self.device] if self.device.type != "cpu" else [],
+                device_type=self.device.type if self.device.type != "cpu" else "cuda",
+            ),
             self._adapter_disabled(adapter),
             self._autocast(),
         ):

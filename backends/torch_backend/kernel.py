@@ -4,7 +4,8 @@ The decoder runs to hidden states; only the positions that predict a response to
 LM head and log-softmax run over those positions in chunks. A custom autograd function keeps only the
 per-position log-sum-exp between forward and backward and recomputes one chunk's logits at a time in the
 backward pass, so neither ``[batch, seq, vocab]`` logits nor a ``[tokens, vocab]`` gradient ever exist:
-peak memory for the head is one ``[chunk, vocab]`` block. A frozen head (LoRA) gets no weight gradient.
+the head's working memory is a few ``[chunk, vocab]`` blocks (the logits, their float32 copy under bf16, the
+log-sum-exp temporary). A frozen head (LoRA) gets no weight gradient.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
     for float64 inputs)."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(
         ctx: Any,
         hidden: torch.Tensor,
@@ -45,6 +47,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         return token_logps
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")  # the backward recomputes logits under the forward's autocast
     def backward(ctx: Any, grad_output: torch.Tensor):
         hidden, weight, bias, targets, log_normalizers = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -60,13 +63,12 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
             grad_logits = F.linear(chunk, weight, bias).to(accumulate)
             grad_logits.sub_(log_normalizers[start:end, None]).exp_().mul_(-grad_output[start:end, None])
             grad_logits.scatter_add_(1, targets[start:end, None], grad_output[start:end, None])
-            grad_logits = grad_logits.to(hidden.dtype)
-            if grad_hidden is not None:
-                grad_hidden[start:end] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight.add_(grad_logits.t().to(accumulate) @ chunk.to(accumulate))
+            if grad_weight is not None:  # from the full-precision gradient, before it is rounded for the matmul
+                grad_weight.add_(grad_logits.t() @ chunk.to(accumulate))
             if grad_bias is not None:
-                grad_bias.add_(grad_logits.to(accumulate).sum(0))
+                grad_bias.add_(grad_logits.sum(0))
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_logits.to(hidden.dtype) @ weight
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:

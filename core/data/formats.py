@@ -6,6 +6,7 @@ loader can report ``file:line: field 'chosen': ...`` or skip the row when asked 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def _require(row: Mapping[str, Any], field: str) -> Any:
 def _text(value: Any, field: str) -> str:
     """A message content: a string, or a list of text parts (OpenAI / LLaMA-Factory style)."""
     if isinstance(value, str):
-        return value
+        return _valid_unicode(value, field)
     if isinstance(value, list):
         pieces = []
         for index, part in enumerate(value):
@@ -91,8 +92,22 @@ def _text(value: Any, field: str) -> str:
                 )
             else:
                 raise RowError(f"{field}[{index}]", f"expected a text part, got {type(part).__name__}", "wrong type")
-        return "".join(pieces)
+        return _valid_unicode("".join(pieces), field)
     raise RowError(field, f"expected a string, got {_type_name(value)}", "wrong type")
+
+
+def _valid_unicode(text: str, field: str) -> str:
+    """JSON can spell text that is not Unicode (a lone surrogate escape such as \\ud800); tokenizers cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError(
+            field,
+            f"contains a character that is not valid Unicode ({text[exc.start]!a}, a lone "
+            f"surrogate from a broken \\u escape) at position {exc.start}",
+            "invalid text",
+        ) from None
+    return text
 
 
 def _non_empty_text(value: Any, field: str) -> str:
@@ -167,6 +182,8 @@ def _score(row: Mapping[str, Any], field: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RowError(field, f"expected a number, got {_type_name(value)}", "wrong type")
+    if not math.isfinite(value):
+        raise RowError(field, f"expected a finite number, got {value}", "wrong type")
     return float(value)
 
 
@@ -217,7 +234,7 @@ def _finish(
         if system is not None:
             raise RowError("system", "both a 'system' field and a system turn in the prompt", "ambiguous")
         system, prompt = prompt[0].content, prompt[1:]
-    if not prompt:
+    if not any(message.role == "user" for message in prompt):
         raise RowError("prompt", "the prompt has no user turn", "empty field")
     if prompt[-1].role == "assistant":
         raise RowError(

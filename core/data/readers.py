@@ -132,23 +132,31 @@ def _json_document(data: bytes, name: str) -> Iterator[RawRow]:
     if text[start] == "[":
         yield from _json_array(text, start, name)
         return
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # several objects one after another: JSON lines named .json
-            yield from _json_lines(data, name)
+    values = list(_json_values(text, start, name))  # one object, or objects one after another (JSON lines)
+    if len(values) == 1 and isinstance(values[0][1], dict) and len(values[0][1]) == 1:
+        key, rows = next(iter(values[0][1].items()))
+        if isinstance(rows, list) and rows and all(isinstance(row, dict) for row in rows):
+            # {"data": [...]}: a wrapper whose one key holds the rows
+            for number, row in enumerate(rows, start=1):
+                yield RawRow(Location(f"{name} [{key}]", row=number), data=row)
             return
-        raise DataError(f"{name}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}.") from exc
-    if isinstance(document, dict):
-        lists = [key for key, value in document.items() if isinstance(value, list)]
-        if len(lists) == 1 and all(isinstance(v, dict) for v in document[lists[0]]):
-            # {"data": [...]} and similar wrappers: the one list of objects is the data.
-            for number, row in enumerate(document[lists[0]], start=1):
-                yield RawRow(Location(f"{name} [{lists[0]}]", row=number), data=row)
-            return
-        yield RawRow(Location(name, line=text.count("\n", 0, start) + 1), data=document)
-        return
-    raise DataError(f"{name}: expected a JSON array of objects, found {type(document).__name__}.")
+    for line, value in values:
+        yield RawRow(Location(name, line=line), data=value)
+
+
+def _json_values(text: str, position: int, name: str) -> Iterator[tuple[int, Any]]:
+    """(line, value) for each JSON value in ``text``, values separated only by white space."""
+    decoder = json.JSONDecoder()
+    line, counted_to = 1, 0
+    while position < len(text):
+        line += text.count("\n", counted_to, position)  # counted from the last value on: linear, not quadratic
+        counted_to = position
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{name}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}.") from None
+        yield line, value
+        position = _skip_whitespace(text, position)
 
 
 def _json_array(text: str, start: int, name: str) -> Iterator[RawRow]:
@@ -202,10 +210,13 @@ def _parquet(path: Path, name: str) -> Iterator[RawRow]:
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{name}: not a readable parquet file ({exc}).") from exc
     number = 0
-    for batch in parquet.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            number += 1
-            yield RawRow(Location(name, row=number), data=row)
+    try:
+        for batch in parquet.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield RawRow(Location(name, row=number), data=row)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{name} row {number + 1}: the parquet data cannot be read ({exc}).") from None
 
 
 def _read_dataset(source: str, *, split: str, name: str) -> Iterator[RawRow]:

@@ -121,7 +121,8 @@ class IPO(Objective):
 
 @dataclass(frozen=True)
 class Hinge(Objective):
-    """Hinge loss on the DPO logit (SLiC-HF's calibration loss, Zhao et al., 2023):
+    """Hinge loss on the DPO logit: SLiC-HF's calibration loss (Zhao et al., 2023) in the reference-anchored
+    form of RSO (Liu et al., 2024) and TRL's "hinge":
     L = max(0, 1 - β [(log πθ(y_w) - log πref(y_w)) - (log πθ(y_l) - log πref(y_l))]).
     Rewards: β (log πθ(y) - log πref(y)).
     """

@@ -1,0 +1,147 @@
+"""``duet export``: an adapter (or a run's) to PEFT, to mlx-lm, or fused into a full merged model.
+
+Every export is built in a temporary folder and renamed into place; an existing non-empty folder is
+never overwritten without ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from core.adapters import Adapter, AdapterError, read_adapter, write_mlx, write_peft
+from core.atomic import atomic_directory, write_json
+from core.checkpoint import latest_checkpoint
+
+FORMATS = ("peft", "mlx", "merged")
+# Files a merged model folder takes from its base model besides the weights.
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def adapter_source(path: str | Path) -> tuple[Path, str | None]:
+    """(adapter folder, base model from the run's config if known) for a run directory, checkpoint or adapter."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise AdapterError(f"{path}: no such run, checkpoint or adapter folder.")
+    base = None
+    run_config = path / "config.yaml"
+    if run_config.is_file():
+        import yaml
+
+        base = (yaml.safe_load(run_config.read_text()) or {}).get("model", {}).get("path")
+        if (path / "adapter").is_dir():
+            return path / "adapter", base
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
+            raise AdapterError(f"{path}: this run has no final adapter and no checkpoint yet.")
+        return checkpoint, base
+    return path, base
+
+
+def resolve_base_model(adapter: Adapter, base_model: str | None) -> Path:
+    """The base model's local folder: given, recorded in the adapter, or resolved from the hub cache."""
+    from core.models_io import resolve_model_path
+
+    name = base_model or adapter.base_model
+    if not name:
+        raise AdapterError("the adapter does not say which base model it belongs to; pass --base-model PATH.")
+    location = resolve_model_path(name)
+    if Path(location).is_dir():
+        return Path(location)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(location, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        )
+    except Exception as exc:  # the hub raises many error types; the user needs the name and the reason
+        raise AdapterError(f"base model {name}: not a local folder and not reachable on the hub ({exc}).") from None
+
+
+def num_hidden_layers(model_folder: Path) -> int:
+    config = json.loads((model_folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in config:
+            return int(config[key])
+    raise AdapterError(f"{model_folder}/config.json: cannot tell how many layers the model has.")
+
+
+def export(source: str | Path, to: str, out: str | Path, *, base_model: str | None = None, force: bool = False) -> Path:
+    """Write the adapter found at ``source`` to ``out`` as ``to`` (peft | mlx | merged). Returns ``out``."""
+    if to not in FORMATS:
+        raise AdapterError(f"--to {to}: choose one of {', '.join(FORMATS)}.")
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise AdapterError(f"{out} exists and is not empty; choose another folder or pass --force to replace it.")
+    folder, run_base = adapter_source(source)
+    adapter = read_adapter(folder)
+    model = resolve_base_model(adapter, base_model or run_base)
+    adapter.base_model = adapter.base_model or str(model)
+    layers = num_hidden_layers(model)
+    with atomic_directory(out, replace=True) as temporary:
+        if to == "peft":
+            write_peft(temporary, adapter, layers)
+        elif to == "mlx":
+            write_mlx(temporary, adapter, layers)
+        else:
+            write_merged(temporary, model, adapter)
+        readme = folder / "README.md"
+        if to != "merged" and readme.is_file():
+            shutil.copyfile(readme, temporary / "README.md")
+    return out
+
+
+def write_merged(folder: Path, model: Path, adapter: Adapter) -> None:
+    """The base model with ``W + scale · B A`` fused into every adapted weight, in the base's own dtype and
+    Hugging Face layout (loadable by transformers and mlx-lm)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shards = sorted(model.glob("*.safetensors"))
+    if not shards:
+        raise AdapterError(f"{model}: no *.safetensors weights to merge into.")
+    remaining = set(adapter.a)
+    index: dict[str, str] = {}
+    for shard in shards:
+        weights = load_file(str(shard))
+        if any(key.endswith(".scales") for key in weights):
+            raise AdapterError(f"{model} is quantized; merge into its unquantized original (--base-model).")
+        for module in sorted(remaining):
+            key = f"{module}.weight"
+            if key not in weights:
+                continue
+            base = weights[key]
+            delta = adapter.scale * (torch.from_numpy(adapter.b[module]) @ torch.from_numpy(adapter.a[module]))
+            if delta.shape != base.shape:
+                raise AdapterError(
+                    f"'{key}' has shape {tuple(base.shape)} but the adapter's update has "
+                    f"{tuple(delta.shape)}: the adapter belongs to another base model."
+                )
+            weights[key] = (base.float() + delta).to(base.dtype)
+            remaining.discard(module)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / shard.name), metadata={"format": "pt"})
+        index.update({key: shard.name for key in weights})
+    if remaining:
+        raise AdapterError(
+            f"the base model has no weight for the adapter's module '{sorted(remaining)[0]}'; is "
+            f"{model} the model the adapter was trained on?"
+        )
+    for name in MODEL_FILES:
+        if (model / name).is_file():
+            shutil.copyfile(model / name, folder / name)
+    if len(shards) > 1:
+        write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": index})

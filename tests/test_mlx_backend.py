@@ -1,0 +1,173 @@
+"""The MLX backend (mlx[cpu] on Linux) against itself and against torch, on the same weights and batches.
+
+Tolerances (float32): MLX's kernel equals MLX's naive full-logits path to 1e-5 relative; log-probs agree
+with torch to 1e-4 relative; loss and every metric to 1e-4 relative. Rewards and margins are β times a
+difference of two log-probs of ~10 nats each, so their float32 rounding is set by those log-probs, not by
+the (small) difference: for them, 1e-4 relative to the metric or to β × the largest |log-prob| involved,
+whichever is larger. After 3 AdamW steps from the same LoRA weights, each LoRA tensor agrees to 1e-3
+relative (Frobenius norm of the difference over the norm of the tensor).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+import mlx.nn as nn  # noqa: E402
+import torch  # noqa: E402
+
+from backends.mlx_backend import kernel as mlx_kernel  # noqa: E402
+from backends.mlx_backend.backend import MlxBackend  # noqa: E402
+from backends.torch_backend.backend import TorchBackend  # noqa: E402
+from core.batching import collate  # noqa: E402
+from core.config import LoraConfig, ObjectiveConfig  # noqa: E402
+from core.data import load_preferences  # noqa: E402
+from core.objectives import build_objective  # noqa: E402
+from core.tokenization import ChatTokenizer, tokenize_pairs  # noqa: E402
+from tests.helpers import DEMO_MODEL, write_demo_subset  # noqa: E402
+
+LORA = LoraConfig(rank=4, alpha=8)
+
+
+@pytest.fixture(scope="module")
+def pair_batches(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = write_demo_subset(tmp_path_factory.mktemp("data") / "p.jsonl", count=12, seed=3)
+    pairs, _ = load_preferences(path)
+    chat = ChatTokenizer(AutoTokenizer.from_pretrained(DEMO_MODEL))
+    tokenized, _ = tokenize_pairs(pairs, chat, max_length=128)
+    return [collate(tokenized[i : i + 4], chat.pad_id, pad_to_multiple_of=32) for i in (0, 4, 8)]
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory):
+    """Both backends on the demo model, with the same non-trivial LoRA weights (torch's, transferred)."""
+    torch_backend = TorchBackend(device="cpu")
+    torch_backend.load_model(str(DEMO_MODEL))
+    torch_backend.seed(0)
+    torch_backend.attach_lora(LORA)
+    with torch.no_grad():
+        for name, parameter in torch_backend.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("adapter")
+    torch_backend.save_adapter(folder)
+    mlx_backend = MlxBackend(dtype="float32")
+    mlx_backend.load_model(str(DEMO_MODEL))
+    mlx_backend.seed(0)
+    mlx_backend.attach_lora(LORA)
+    mlx_backend.load_adapter(folder)
+    return torch_backend, mlx_backend
+
+
+def test_lora_weights_transfer_exactly(backends) -> None:
+    torch_backend, mlx_backend = backends
+    ours, theirs = mlx_backend.adapter_weights(), torch_backend.adapter_weights()
+    assert ours.keys() == theirs.keys() and len(ours) == 4 * 7 * 2
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+def test_mlx_kernel_matches_naive_logits(backends, pair_batches) -> None:
+    _, mlx_backend = backends
+    batch = pair_batches[0]
+    model = mlx_backend.model
+    input_ids, positions = mlx_backend._inputs(batch)
+    loss_mask = mx.array(batch.loss_mask)
+    token_logps = mlx_backend._token_logps()
+
+    def fast(m):
+        return mlx_kernel.sequence_logps(m, input_ids, positions, token_logps).sum()
+
+    def naive(m):
+        return mlx_kernel.naive_sequence_logps(m, input_ids, loss_mask).sum()
+
+    fast_value, fast_grads = nn.value_and_grad(model, fast)(model)
+    naive_value, naive_grads = nn.value_and_grad(model, naive)(model)
+    per_row = mlx_kernel.sequence_logps(model, input_ids, positions, token_logps)
+    np.testing.assert_allclose(
+        np.array(per_row), np.array(mlx_kernel.naive_sequence_logps(model, input_ids, loss_mask)), rtol=1e-5
+    )
+    assert float(fast_value) == pytest.approx(float(naive_value), rel=1e-5)
+    from mlx.utils import tree_flatten
+
+    for (name, got), (_, expected) in zip(tree_flatten(fast_grads), tree_flatten(naive_grads), strict=True):
+        expected = np.array(expected)
+        np.testing.assert_allclose(np.array(got), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max(), err_msg=name)
+
+
+def test_sequence_logps_agree_with_torch(backends, pair_batches) -> None:
+    torch_backend, mlx_backend = backends
+    for batch in pair_batches:
+        for adapter in (True, False):
+            np.testing.assert_allclose(
+                mlx_backend.sequence_logps(batch, adapter=adapter),
+                torch_backend.sequence_logps(batch, adapter=adapter),
+                rtol=1e-4,
+            )
+
+
+@pytest.mark.parametrize("name", ["dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft"])
+def test_loss_and_every_metric_agree_with_torch(backends, pair_batches, name: str) -> None:
+    torch_backend, mlx_backend = backends
+    objective = build_objective(ObjectiveConfig(name=name, label_smoothing=0.1 if name == "dpo" else 0.0))
+    batch = pair_batches[1]
+    reference = torch_backend.sequence_logps(batch, adapter=False)
+    ours = mlx_backend.evaluate(batch, objective, reference, nll_weight=0.5)
+    theirs = torch_backend.evaluate(batch, objective, reference, nll_weight=0.5)
+    assert ours.metrics.keys() == theirs.metrics.keys()
+    # rewards of reference-based objectives: β · (log πθ - log πref), per token for dpo_norm and ipo
+    logp_scale = 0.0
+    if not objective.is_reference_free:
+        logps = np.abs(np.concatenate([reference, torch_backend.sequence_logps(batch)]))
+        per = batch.response_lengths.min() if name in ("dpo_norm", "ipo") else 1
+        logp_scale = objective.beta * logps.max() / per
+    for key, value in theirs.metrics.items():
+        floor = 1e-4 * logp_scale if key.startswith("rewards/") and key != "rewards/accuracies" else 0.0
+        assert ours.metrics[key] == pytest.approx(value, rel=1e-4, abs=floor), key
+    np.testing.assert_allclose(ours.margins, theirs.margins, rtol=1e-4, atol=1e-4 * logp_scale)
+
+
+def test_three_optimizer_steps_agree_with_torch(backends, pair_batches) -> None:
+    torch_backend, mlx_backend = backends
+    objective = build_objective(ObjectiveConfig(name="dpo"))
+    for backend in backends:
+        backend.setup_optimizer(weight_decay=0.01)
+    for batch in pair_batches:
+        reference = torch_backend.sequence_logps(batch, adapter=False)
+        results = [b.forward_backward(batch, objective, reference, 0.0, 1.0) for b in backends]
+        assert results[1].metrics["loss"] == pytest.approx(results[0].metrics["loss"], rel=1e-4)
+        updates = [b.apply_gradients(lr=1e-3, max_grad_norm=1.0) for b in backends]
+        assert updates[1].grad_norm == pytest.approx(updates[0].grad_norm, rel=1e-4)
+    ours, theirs = mlx_backend.adapter_weights(), torch_backend.adapter_weights()
+    for key, expected in theirs.items():
+        relative = np.linalg.norm(ours[key] - expected) / np.linalg.norm(expected)
+        assert relative < 1e-3, (key, relative)
+
+
+def test_checkpoint_state_round_trips(backends, pair_batches, tmp_path: Path) -> None:
+    _, mlx_backend = backends
+    mlx_backend.setup_optimizer(weight_decay=0.0)
+    objective = build_objective(ObjectiveConfig(name="simpo"))
+    mlx_backend.forward_backward(pair_batches[0], objective, None, 0.0, 1.0)
+    mlx_backend.apply_gradients(1e-3, 1.0)
+    arrays, scalars = mlx_backend.optimizer_state()
+    rng = mlx_backend.rng_state()
+    mlx_backend.save_adapter(tmp_path)
+    first = mlx_backend.forward_backward(pair_batches[1], objective, None, 0.0, 1.0)
+    mlx_backend.apply_gradients(1e-3, 1.0)
+    after = mlx_backend.adapter_weights()
+    mlx_backend.load_adapter(tmp_path)
+    mlx_backend.load_optimizer_state(arrays, scalars)
+    mlx_backend.set_rng_state(rng)
+    again = mlx_backend.forward_backward(pair_batches[1], objective, None, 0.0, 1.0)
+    mlx_backend.apply_gradients(1e-3, 1.0)
+    assert again.metrics == first.metrics
+    replayed = mlx_backend.adapter_weights()
+    for key in after:
+        np.testing.assert_array_equal(replayed[key], after[key])
