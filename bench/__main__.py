@@ -63,7 +63,7 @@ def table(workload: str, rows: list[dict]) -> Table:
         view.add_row(
             row["variant"],
             row["device"],
-            f"{row['seconds_per_step']:.2f}",
+            f"{row['seconds_per_step']:.3f}",
             f"{row['tokens_per_second']:.0f}",
             f"{row['pairs_per_second']:.2f}",
             f"{peak / GIB:.2f} GiB",

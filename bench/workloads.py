@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "models" / "demo"
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 QWEN = FIXTURES / "tokenizers" / "qwen2.5-0.5b-instruct"
 LLAMAFACTORY = FIXTURES / "data" / "llamafactory_dpo_en_demo.json"
@@ -21,14 +22,29 @@ class Workload:
     batch_pairs: int
     max_length: int
     max_prompt_length: int | None
-    model_overrides: dict  # changes to the tokenizer folder's config.json (None: the demo model itself)
+    model_overrides: dict  # changes to the tokenizer folder's config.json, for a random-init model of that shape
     lora_rank: int = 16
     lora_alpha: float = 32.0
     beta: float = 0.1
     lr: float = 5e-5
+    model: Path | None = None  # a model folder to use as it is, instead of a random-init shape
 
 
 WORKLOADS = {
+    "demo": Workload(
+        "demo",
+        "the demo: tiny-chat (0.7M parameters, vocabulary 512), its preference data; LoRA r16 on all "
+        "projections; 8 pairs, max length 128",
+        DEMO / "tiny-chat",
+        DEMO / "preferences.jsonl",
+        64,
+        8,
+        128,
+        64,
+        {},
+        lr=1e-3,
+        model=DEMO / "tiny-chat",
+    ),
     "qwen-small": Workload(
         "qwen-small",
         "random-init, Qwen2.5 tokenizer and vocabulary (151,936), hidden 256, 4 layers, 4 heads / 2 KV "

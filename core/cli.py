@@ -42,6 +42,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tui(config: str | None = None, watch: str | None = None, resume: str | None = None) -> int:
+    from tui.app import run_app
+
+    return run_app(config, watch=watch, resume=resume)
+
+
 def _doctor() -> int:
     from core.doctor import doctor
 
@@ -83,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     export.set_defaults(func=_export)
 
+    tui = commands.add_parser("tui", help="the terminal UI (also what `duet` alone opens)")
+    tui.add_argument("--config", help="open this config file in the set-up screen")
+    tui.add_argument("--resume", metavar="RUN_DIR", help="resume an interrupted run and watch it train")
+    tui.set_defaults(func=lambda args: _tui(config=args.config, resume=args.resume))
+
+    watch = commands.add_parser("watch", help="follow a headless run's metrics (read-only dashboard)")
+    watch.add_argument("run_dir", help="the run directory (its metrics.jsonl is followed as it grows)")
+    watch.set_defaults(func=lambda args: _tui(watch=args.run_dir))
+
     doctor = commands.add_parser("doctor", help="what this machine offers each backend")
     doctor.set_defaults(func=lambda args: _doctor())
 
@@ -122,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-    if handler is None:
-        parser.print_help()
-        return 0
+    if handler is None:  # `duet` alone: the terminal UI
+        handler = lambda _: _tui()  # noqa: E731
     try:
         return handler(args)
     except DuetError as exc:

@@ -16,6 +16,7 @@ from rich.text import Text
 
 from core.batching import padding_fraction, plan_batches
 from core.data import LoadReport, PreferencePair, load_preferences
+from core.data.load import display_path
 from core.errors import DataError
 from core.tokenization import ChatTokenizer, TokenizedPair, TokenizeReport, tokenize_pairs
 
@@ -109,7 +110,8 @@ def render_pair(inspection: Inspection, position: int = 0, full: bool = False) -
     tokenizer = inspection.chat_tokenizer.tokenizer
     pair = inspection.pairs[item.index]
     text = Text()
-    text.append(f"pair {position} ({pair.location}) — ", style="bold")
+    where = str(pair.location).replace(pair.location.source, display_path(pair.location.source), 1)
+    text.append(f"pair {position} ({where}) — ", style="bold")
     text.append("prompt: masked, not in the loss", style=PROMPT_STYLES[0])
     text.append("  ")
     text.append("reply: in the loss", style=CHOSEN_STYLES[0])
@@ -141,6 +143,7 @@ def _append_tokens(text: Text, tokenizer: Any, ids: list[int], styles: tuple[str
             *pieces[-PROMPT_HEAD_TAIL:],
         ]
     special = set(tokenizer.all_special_ids)
+    special |= {token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special}
     for number, (piece, token_id) in enumerate(pieces):
         if token_id is None:
             text.append(piece, style="italic")

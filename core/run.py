@@ -35,7 +35,7 @@ from core.objectives import build_objective
 from core.prepare import PreparedData, prepare_data
 from core.reference import ReferenceLogps, load_or_compute, reference_key
 from core.rundir import RunDirectory, RunDirError
-from core.trainer import StopSignal, TrainData, schedule_length, train
+from core.trainer import RunControl, TrainData, schedule_length, train
 
 # Settings a resumed run may change: how long it goes on and how often it reports, not what it learns.
 RESUME_OVERRIDABLE = (
@@ -129,16 +129,16 @@ class _Events:
 
 
 @contextlib.contextmanager
-def _signals_stop(stop: StopSignal, say: Callable[[str], None], enabled: bool):
+def _signals_stop(control: RunControl, say: Callable[[str], None], enabled: bool):
     """SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second one quits at once."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if stop.requested:
+        if control.stop_requested:
             raise KeyboardInterrupt
-        stop.request(f"received {signal.Signals(signum).name}")
+        control.request_stop(f"received {signal.Signals(signum).name}")
         say("stopping after this step and saving a checkpoint (Ctrl-C again quits at once; nothing is corrupted)")
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -219,15 +219,21 @@ def run(
     resume: str | Path | None = None,
     callback: Callable[[Event], None] | None = None,
     console: Console | None = None,
-    stop: StopSignal | None = None,
+    control: RunControl | None = None,
     handle_signals: bool = True,
+    on_ready: Callable[[Any, PreparedData], None] | None = None,
 ) -> RunResult:
-    """Train as the config says; returns where the adapter is and the final metrics."""
+    """Train as the config says; returns where the adapter is and the final metrics.
+
+    ``callback`` gets every event; ``control`` pauses, stops or checkpoints the run from another thread;
+    ``on_ready(backend, data)`` is called once the model and data are loaded (the TUI generates with them).
+    """
     options = {
         "callback": callback,
         "console": console or Console(soft_wrap=True),
-        "stop": stop or StopSignal(),
+        "control": control or RunControl(),
         "handle_signals": handle_signals,
+        "on_ready": on_ready,
     }
     if resume is None:
         cfg = resolve_config(config, overrides)
@@ -296,10 +302,13 @@ def _execute(
     resumed: bool,
     callback,
     console: Console,
-    stop: StopSignal,
+    control: RunControl,
     handle_signals: bool,
+    on_ready: Callable[[Any, PreparedData], None] | None,
 ) -> RunResult:
     """Train and export inside a locked run directory, every event to metrics.jsonl, the console and ``callback``."""
+    if on_ready is not None:
+        on_ready(backend, data)
     metrics_log = MetricsLog(run_dir.metrics_file)
     reporter = ConsoleReporter(console)
     emit = _Events([metrics_log, reporter] + ([callback] if callback else []))
@@ -312,7 +321,7 @@ def _execute(
             run_dir,
             state,
             emit,
-            stop,
+            control,
             metrics_log,
             resumed=resumed,
             handle_signals=handle_signals,
@@ -339,7 +348,7 @@ def _train_and_export(
     run_dir: RunDirectory,
     state: TrainerState | None,
     emit: _Events,
-    stop: StopSignal,
+    control: RunControl,
     metrics_log: MetricsLog,
     *,
     resumed: bool,
@@ -386,7 +395,7 @@ def _train_and_export(
         data.chat.pad_id,
         pad_multiple,
     )
-    with _signals_stop(stop, lambda m: console.print(m, highlight=False), handle_signals):
+    with _signals_stop(control, lambda m: console.print(m, highlight=False), handle_signals):
         state = train(
             backend,
             objective,
@@ -395,7 +404,7 @@ def _train_and_export(
             state,
             run_dir=run_dir.path,
             emit=emit,
-            stop=stop,
+            control=control,
             metrics_offset=metrics_log.offset,
         )
     final = emit.final_metrics()
@@ -404,8 +413,8 @@ def _train_and_export(
             {
                 "type": "stopped",
                 "step": state.step,
-                "reason": stop.reason,
-                "message": f"stopped at step {state.step}/{state.total_steps} ({stop.reason}); resume with: "
+                "reason": control.reason,
+                "message": f"stopped at step {state.step}/{state.total_steps} ({control.reason}); resume with: "
                 f"python -m core.run --resume {run_dir.path}",
             }
         )

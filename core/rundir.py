@@ -129,9 +129,14 @@ class RunDirectory:
         """
         path = self.path / LOCK_FILE
         handle = open(path, "a+")  # noqa: SIM115 - the lock lives as long as the run
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(10):  # `duet watch` peeks at the lock for an instant: a short wait is not a conflict
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt < 9:
+                    time.sleep(0.05)
+        else:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()

@@ -27,7 +27,7 @@ from core.schedule import learning_rate, warmup_steps
 from core.tokenization import TokenizedPair
 
 if TYPE_CHECKING:
-    from backends.base import Backend, StepResult
+    from backends.base import Backend, StepResult, UpdateResult
 
 
 class NonFiniteError(DuetError):
@@ -36,20 +36,48 @@ class NonFiniteError(DuetError):
     exit_code = 3
 
 
-class StopSignal:
-    """Set from a signal handler or another thread (the TUI); the loop checks it between steps."""
+class RunControl:
+    """Asks a running loop to stop, pause or save a checkpoint, from a signal handler or another thread (the
+    TUI). The loop acts between optimizer steps, so nothing is ever interrupted half-way."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+        self._save = threading.Event()
         self.reason = ""
+        # held for each whole step (update, evaluation, checkpoint): others use the model in between
+        self.step_lock = threading.Lock()
 
-    def request(self, reason: str = "stop requested") -> None:
+    def request_stop(self, reason: str = "stop requested") -> None:
         self.reason = reason
-        self._event.set()
+        self._stop.set()
+        self._running.set()  # a paused run wakes up to stop
 
     @property
-    def requested(self) -> bool:
-        return self._event.is_set()
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def wait_while_paused(self) -> None:
+        self._running.wait()
+
+    def request_save(self) -> None:
+        self._save.set()
+
+    def take_save_request(self) -> bool:
+        requested = self._save.is_set()
+        self._save.clear()
+        return requested
 
 
 @dataclass
@@ -125,6 +153,101 @@ def _describe_batch(micro: list[tuple[int, int, Batch]]) -> str:
     return f"epoch {epoch}, micro-batches {first}-{position} (data pairs {shown})"
 
 
+@dataclass
+class StepOutcome:
+    """One optimizer step: its micro-batches, their results, the rate used and what the update did."""
+
+    micro: list[tuple[int, int, Batch]]
+    results: list[StepResult]
+    lr: float
+    loss_finite: bool
+    update: UpdateResult | None  # None when a non-finite loss kept the update from being tried
+
+    @property
+    def pairs(self) -> int:
+        return sum(batch.num_pairs for _, _, batch in self.micro)
+
+    @property
+    def tokens(self) -> int:
+        return sum(batch.num_tokens for _, _, batch in self.micro)
+
+
+def optimizer_step(
+    backend: Backend, objective: Objective, data: TrainData, config: Config, stream, lr: float
+) -> StepOutcome:
+    """Forward/backward over ``grad_accum`` micro-batches (each weighted by its share of the pairs), then the
+    update, unless the loss is not finite."""
+    micro = [next(stream) for _ in range(config.train.grad_accum)]
+    pairs = sum(batch.num_pairs for _, _, batch in micro)
+    results = []
+    for _, _, batch in micro:
+        reference = None if objective.is_reference_free else data.train_reference.for_batch(batch.pair_indices)
+        results.append(
+            backend.forward_backward(
+                batch, objective, reference, config.objective.nll_weight, scale=batch.num_pairs / pairs
+            )
+        )
+    loss_finite = all(math.isfinite(r.metrics["loss"]) for r in results)
+    if not loss_finite:
+        backend.discard_gradients()
+        return StepOutcome(micro, results, lr, False, None)
+    return StepOutcome(micro, results, lr, True, backend.apply_gradients(lr, config.train.max_grad_norm))
+
+
+def check_finite(outcome: StepOutcome, state: TrainerState, config: Config, emit: Callback) -> None:
+    """Warn about a skipped step; raise when the run should stop (the default, or past the skip limit)."""
+    step = state.step + 1
+    if outcome.loss_finite and outcome.update.applied:
+        return
+    if outcome.loss_finite and outcome.update.overflow:
+        emit(
+            {
+                "type": "warning",
+                "step": step,
+                "message": f"step {step}: fp16 loss scale overflowed; the scale was "
+                "lowered and this step skipped (normal early in fp16 training)",
+            }
+        )
+        return
+    what = "loss" if not outcome.loss_finite else f"gradient (norm {outcome.update.grad_norm})"
+    message = f"step {step}: the {what} is not finite at {_describe_batch(outcome.micro)}; the update was not applied"
+    state.skipped_steps += 1
+    tc = config.train
+    if tc.nonfinite == "stop" or state.skipped_steps > tc.max_skipped_steps:
+        limit = "" if tc.nonfinite == "stop" else f" ({state.skipped_steps} skipped, limit {tc.max_skipped_steps})"
+        raise NonFiniteError(
+            f"{message}{limit}. The newest checkpoint is the last good state. Lower train.lr, "
+            "check the data at these pairs, or set train.nonfinite=skip."
+        )
+    emit({"type": "warning", "step": step, "message": message + "; skipped"})
+
+
+def train_event(
+    outcome: StepOutcome,
+    state: TrainerState,
+    backend: Backend,
+    elapsed: float,
+    step_seconds: float,
+    batches_per_epoch: int,
+) -> dict:
+    return {
+        "type": "train",
+        "step": state.step,
+        "total_steps": state.total_steps,
+        "epoch": round(state.epoch + state.batch_in_epoch / batches_per_epoch, 4),
+        **_weighted_mean(outcome.results),
+        "learning_rate": outcome.lr,
+        "grad_norm": outcome.update.grad_norm if outcome.update else None,
+        "tokens_per_second": outcome.tokens / elapsed if elapsed > 0 else None,
+        "pairs": outcome.pairs,
+        "tokens": outcome.tokens,
+        "elapsed": state.elapsed_seconds,
+        "eta": step_seconds * (state.total_steps - state.step),
+        "margins": np.concatenate([r.margins for r in outcome.results]).round(6).tolist(),
+        "memory": backend.memory(),
+    }
+
+
 def train(
     backend: Backend,
     objective: Objective,
@@ -134,7 +257,7 @@ def train(
     *,
     run_dir: Path,
     emit: Callback,
-    stop: StopSignal,
+    control: RunControl,
     metrics_offset=lambda: 0,
 ) -> TrainerState:
     """Run optimizer steps from ``state`` to ``state.total_steps``. Returns the state reached."""
@@ -142,101 +265,53 @@ def train(
     warmup = warmup_steps(state.total_steps, tc.warmup_steps, tc.warmup_ratio)
     stream = micro_batches(data, config, state.epoch, state.batch_in_epoch)
     batches_per_epoch, _ = schedule_length(len(data.train), config)
-    needs_reference = not objective.is_reference_free
     step_seconds: float | None = None
-    while state.step < state.total_steps and not stop.requested:
-        started = time.perf_counter()
-        micro = [next(stream) for _ in range(tc.grad_accum)]
-        step_pairs = sum(batch.num_pairs for _, _, batch in micro)
-        results = []
-        for _, _, batch in micro:
-            reference = data.train_reference.for_batch(batch.pair_indices) if needs_reference else None
-            results.append(
-                backend.forward_backward(
-                    batch, objective, reference, config.objective.nll_weight, scale=batch.num_pairs / step_pairs
+    while state.step < state.total_steps and not control.stop_requested:
+        if control.paused:
+            emit({"type": "paused", "step": state.step, "message": f"paused at step {state.step}"})
+            control.wait_while_paused()
+            emit({"type": "resumed", "step": state.step, "message": f"resumed at step {state.step}"})
+            if control.stop_requested:
+                break
+        with control.step_lock:
+            started = time.perf_counter()
+            lr = learning_rate(state.step, total_steps=state.total_steps, peak=tc.lr, warmup=warmup, kind=tc.schedule)
+            outcome = optimizer_step(backend, objective, data, config, stream, lr)
+            state.epoch, state.batch_in_epoch = outcome.micro[-1][0], outcome.micro[-1][1]
+            check_finite(outcome, state, config, emit)
+            state.step += 1
+            elapsed = time.perf_counter() - started
+            step_seconds = elapsed if step_seconds is None else 0.8 * step_seconds + 0.2 * elapsed
+            state.tokens_seen += outcome.tokens
+            state.pairs_seen += outcome.pairs
+            state.elapsed_seconds += elapsed
+            last = state.step == state.total_steps
+            if state.step % tc.log_every == 0 or last:
+                emit(train_event(outcome, state, backend, elapsed, step_seconds, batches_per_epoch))
+            if data.eval and ((tc.eval_every and state.step % tc.eval_every == 0) or last):
+                metrics, margins = evaluate_split(
+                    backend, objective, data.eval, data.eval_reference, config, data.pad_id, data.pad_to_multiple_of
                 )
-            )
-        lr = learning_rate(state.step, total_steps=state.total_steps, peak=tc.lr, warmup=warmup, kind=tc.schedule)
-        loss_finite = all(math.isfinite(r.metrics["loss"]) for r in results)
-        if loss_finite:
-            update = backend.apply_gradients(lr, tc.max_grad_norm)
-        else:
-            backend.discard_gradients()
-        state.epoch, state.batch_in_epoch = micro[-1][0], micro[-1][1]
-        if loss_finite and not update.applied and update.overflow:
-            emit(
-                {
-                    "type": "warning",
-                    "step": state.step + 1,
-                    "message": f"step {state.step + 1}: fp16 loss scale "
-                    "overflowed; the scale was lowered and this step skipped (normal early in fp16 training)",
-                }
-            )
-        elif not (loss_finite and update.applied):
-            what = "loss" if not loss_finite else f"gradient (norm {update.grad_norm})"
-            message = (
-                f"step {state.step + 1}: the {what} is not finite at {_describe_batch(micro)}; "
-                "the update was not applied"
-            )
-            state.skipped_steps += 1
-            if tc.nonfinite == "stop" or state.skipped_steps > tc.max_skipped_steps:
-                limit = (
-                    "" if tc.nonfinite == "stop" else f" ({state.skipped_steps} skipped, limit {tc.max_skipped_steps})"
+                emit(
+                    {
+                        "type": "eval",
+                        "step": state.step,
+                        **{f"eval_{k}": v for k, v in metrics.items()},
+                        "eval_margins": margins.round(6).tolist(),
+                        "eval_pairs": len(data.eval),
+                    }
                 )
-                raise NonFiniteError(
-                    f"{message}{limit}. The newest checkpoint is the last good state. Lower "
-                    "train.lr, check the data at these pairs, or set train.nonfinite=skip."
+            save_now = control.take_save_request()
+            if (tc.save_every and state.step % tc.save_every == 0) or last or control.stop_requested or save_now:
+                state.metrics_offset = metrics_offset()
+                path = save_checkpoint(run_dir, backend, state, tc.keep_checkpoints)
+                emit(
+                    {
+                        "type": "checkpoint",
+                        "step": state.step,
+                        "path": str(path),
+                        "message": f"checkpoint saved: {path} (step {state.step}, "
+                        f"{format_duration(state.elapsed_seconds)} of training)",
+                    }
                 )
-            emit({"type": "warning", "step": state.step + 1, "message": message + "; skipped"})
-        state.step += 1
-        elapsed = time.perf_counter() - started
-        step_seconds = elapsed if step_seconds is None else 0.8 * step_seconds + 0.2 * elapsed
-        tokens = sum(batch.num_tokens for _, _, batch in micro)
-        state.tokens_seen += tokens
-        state.pairs_seen += step_pairs
-        state.elapsed_seconds += elapsed
-        if state.step % tc.log_every == 0 or state.step == state.total_steps:
-            event = {
-                "type": "train",
-                "step": state.step,
-                "total_steps": state.total_steps,
-                "epoch": round(state.epoch + state.batch_in_epoch / batches_per_epoch, 4),
-                **_weighted_mean(results),
-                "learning_rate": lr,
-                "grad_norm": update.grad_norm if loss_finite else None,
-                "tokens_per_second": tokens / elapsed if elapsed > 0 else None,
-                "pairs": step_pairs,
-                "tokens": tokens,
-                "elapsed": state.elapsed_seconds,
-                "eta": step_seconds * (state.total_steps - state.step),
-                "margins": np.concatenate([r.margins for r in results]).round(6).tolist(),
-                "memory": backend.memory(),
-            }
-            emit(event)
-        last = state.step == state.total_steps
-        if data.eval and ((tc.eval_every and state.step % tc.eval_every == 0) or last):
-            metrics, margins = evaluate_split(
-                backend, objective, data.eval, data.eval_reference, config, data.pad_id, data.pad_to_multiple_of
-            )
-            emit(
-                {
-                    "type": "eval",
-                    "step": state.step,
-                    **{f"eval_{k}": v for k, v in metrics.items()},
-                    "eval_margins": margins.round(6).tolist(),
-                    "eval_pairs": len(data.eval),
-                }
-            )
-        if (tc.save_every and state.step % tc.save_every == 0) or last or stop.requested:
-            state.metrics_offset = metrics_offset()
-            path = save_checkpoint(run_dir, backend, state, tc.keep_checkpoints)
-            emit(
-                {
-                    "type": "checkpoint",
-                    "step": state.step,
-                    "path": str(path),
-                    "message": f"checkpoint saved: {path} (step {state.step}, "
-                    f"{format_duration(state.elapsed_seconds)} of training)",
-                }
-            )
     return state

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from core.config import OBJECTIVE_NAMES
 from core.metrics import read_metrics
 from core.run import main, run
-from core.trainer import StopSignal
+from core.trainer import RunControl
 from tests.helpers import quick_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,13 +52,15 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path: Path) 
     settings = {"lora": {"dropout": 0.1}, "train": {"max_steps": 8, "save_every": 4, "eval_every": 2}}
     full = run(quick_config(tmp_path / "a", **settings), console=quiet())
 
-    stop = StopSignal()
+    control = RunControl()
 
     def stop_at_three(event: dict) -> None:
         if event["type"] == "train" and event["step"] == 3:
-            stop.request("test interruption")
+            control.request_stop("test interruption")
 
-    interrupted = run(quick_config(tmp_path / "b", **settings), console=quiet(), callback=stop_at_three, stop=stop)
+    interrupted = run(
+        quick_config(tmp_path / "b", **settings), console=quiet(), callback=stop_at_three, control=control
+    )
     assert interrupted.stopped and interrupted.state.step == 3 and interrupted.adapter_dir is None
     assert (interrupted.run_dir / "checkpoints" / "step-00000003" / "trainer_state.json").is_file()
     resumed = run(resume=interrupted.run_dir, console=quiet())
@@ -177,13 +179,13 @@ def test_lora_on_the_last_blocks_only(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_changed_data_and_finished_runs(tmp_path: Path) -> None:
-    stop = StopSignal()
+    control = RunControl()
     config = quick_config(tmp_path, train={"max_steps": 4})
     first = run(
         config,
         console=quiet(),
-        stop=stop,
-        callback=lambda e: stop.request() if e["type"] == "train" and e["step"] == 2 else None,
+        control=control,
+        callback=lambda e: control.request_stop() if e["type"] == "train" and e["step"] == 2 else None,
     )
     data = Path(config.data.train)
     original = data.read_text()

@@ -36,7 +36,7 @@ class LoadReport:
         return sum(self.skipped.values())
 
     def summary_lines(self) -> list[str]:
-        lines = [f"{self.source}: format {self.format}, {self.rows} rows → {self.pairs} pairs"]
+        lines = [f"{display_path(self.source)}: format {self.format}, {self.rows} rows → {self.pairs} pairs"]
         details = [f"{self.multi_turn} multi-turn", f"{self.with_system} with a system message"]
         if self.duplicates:
             details.append(f"{self.duplicates} duplicated pairs")
@@ -48,6 +48,17 @@ class LoadReport:
             lines.append(f"  skipped {self.skipped_total} invalid rows ({reasons})")
             lines += [f"    {example}" for example in self.skipped_examples]
         return lines
+
+
+def display_path(source: str) -> str:
+    """A path as short as it can be told: relative to the working directory when it lies inside it."""
+    path = Path(source)
+    if path.is_absolute():
+        try:
+            return str(path.relative_to(Path.cwd()))
+        except ValueError:
+            return source
+    return source
 
 
 def load_preferences(

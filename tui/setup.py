@@ -1,0 +1,268 @@
+"""The set-up screen: model, data (checked), objective and its hyperparameters, LoRA, training, backend.
+
+The form edits the same YAML config the headless run takes: values become dotted overrides on a base
+config (the demo's, or a file opened here), validated by the same code, saved as the same YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Input, Select, Static
+
+from core.config import DEFAULT_BETA, Config, config_from_dict
+from core.errors import DuetError
+
+OBJECTIVE_HELP = {
+    "dpo": "DPO: prefers chosen over rejected relative to a reference model (the base model, adapter off), "
+    "computed once before training and cached. β 0.1 is the usual start.",
+    "dpo_norm": "Length-normalized DPO: DPO on per-token log-ratios, so longer replies earn no advantage. Needs "
+    "the reference model.",
+    "simpo": "SimPO needs no reference model: it compares average log-probs with a target margin γ. Typical "
+    "β 2.0–2.5 with γ/β about 0.5.",
+    "ipo": "IPO: a squared loss that does not saturate, robust to over-fitting deterministic preferences. Needs the "
+    "reference model; β is τ in the paper (0.1).",
+    "hinge": "Hinge (SLiC): max(0, 1 − β·margin). Needs the reference model.",
+    "sft": "SFT: plain likelihood of the chosen replies, no preference; reference-free.",
+}
+
+
+@dataclass(frozen=True)
+class Field:
+    key: str  # dotted config key
+    label: str
+    help: str = ""
+    choices: tuple[str, ...] = ()  # a Select when set
+    optional: bool = False  # empty means "the default"
+
+
+FIELDS = (
+    Field("model.path", "Model", "folder or hub id; demo = built-in"),
+    Field("data.train", "Data", "file, dataset folder or hub id; demo = built-in"),
+    Field("data.eval_fraction", "Eval fraction", "share of pairs held out for evaluation"),
+    Field("data.max_length", "Max length", "tokens per sequence (prompt + reply)"),
+    Field("data.max_prompt_length", "Max prompt", "prompt tokens kept (from the end)", optional=True),
+    Field("objective.name", "Objective", "", choices=("dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft")),
+    Field("objective.beta", "β", "empty: the objective's usual value", optional=True),
+    Field("objective.gamma_beta_ratio", "γ/β (SimPO)", "SimPO's target margin relative to β", optional=True),
+    Field("objective.label_smoothing", "Label smoothing", "assumed rate of flipped labels (cDPO)"),
+    Field("objective.nll_weight", "NLL weight", "weight of an NLL term on the chosen replies"),
+    Field("lora.rank", "LoRA rank"),
+    Field("lora.alpha", "LoRA alpha"),
+    Field("lora.dropout", "LoRA dropout"),
+    Field("train.max_steps", "Max steps", "empty: train for the given epochs", optional=True),
+    Field("train.epochs", "Epochs"),
+    Field("train.lr", "Learning rate"),
+    Field("train.batch_size", "Batch (pairs)"),
+    Field("train.grad_accum", "Grad accumulation"),
+    Field("model.backend", "Backend", "", choices=("auto", "torch", "mlx")),
+    Field("train.output_dir", "Output folder", "run directories go here"),
+)
+
+
+def field_id(key: str) -> str:
+    return "f-" + key.replace(".", "-")
+
+
+def get(config: dict[str, Any], key: str) -> Any:
+    section, name = key.split(".")
+    return config[section][name]
+
+
+def backend_note() -> str:
+    from backends.base import resolve_backend_name
+    from core.doctor import mlx_report, torch_report
+
+    chosen = resolve_backend_name("auto")
+    torch_info, mlx_info = torch_report(), mlx_report()
+    devices = ", ".join(torch_info.get("devices", [])) if torch_info["usable"] else "unavailable"
+    mlx_text = mlx_info.get("device", "") if mlx_info["usable"] else "unavailable"
+    return f"auto → {chosen}   (torch: {devices}; mlx: {mlx_text})"
+
+
+class SetupScreen(Screen):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        # function keys and ctrl+s/o: an Input keeps most ctrl keys for editing
+        Binding("f5", "start", "Start"),
+        Binding("f2", "check_data", "Check data"),
+        Binding("f3", "inspect", "Inspect"),
+        Binding("ctrl+s", "save", "Save config"),
+        Binding("ctrl+o", "open", "Open config"),
+        Binding("ctrl+q", "quit", "Quit"),
+    ]
+
+    def __init__(self, config: Config, source: str = "the demo") -> None:
+        super().__init__()
+        self.base = config.to_dict()
+        self.source = source
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="form"):
+            yield Static(Text.assemble(("Duet", "bold"), f" — settings from {self.source}"), id="source")
+            for field in FIELDS:
+                value = get(self.base, field.key)
+                with Horizontal(classes="field"):
+                    yield Static(field.label, classes="field-label")
+                    # compact widgets: one line a field, so the form fits 80×24 with little scrolling
+                    if field.choices:
+                        options = [(c, c) for c in field.choices]
+                        yield Select(options, value=value, allow_blank=False, id=field_id(field.key), compact=True)
+                    else:
+                        text = "" if value is None else str(value)
+                        yield Input(text, placeholder=self._placeholder(field), id=field_id(field.key), compact=True)
+                    yield Static(field.help, classes="field-help")
+                if field.key == "objective.name":
+                    yield Static(OBJECTIVE_HELP[value], id="objective-help")
+                if field.key == "model.backend":
+                    yield Static(backend_note(), id="backend-note")
+                if field.key == "data.train":
+                    yield Static("", id="data-report")
+            yield Static("", id="errors")
+            with Horizontal(classes="buttons"):
+                yield Button("Start training", variant="success", id="start", compact=True)
+                yield Button("Check data", id="check", compact=True)
+                yield Button("Inspect data", id="inspect", compact=True)
+                yield Button("Save config", id="save", compact=True)
+                yield Button("Open config", id="open", compact=True)
+        yield Footer()
+
+    def _placeholder(self, field: Field) -> str:
+        if field.key == "objective.beta":
+            return f"default {DEFAULT_BETA[get(self.base, 'objective.name')]}"
+        return "default" if field.optional else ""
+
+    # -- form ↔ config --------------------------------------------------------------------------------
+
+    def overrides(self) -> list[str]:
+        values = []
+        for field in FIELDS:
+            widget = self.query_one(f"#{field_id(field.key)}")
+            value = widget.value
+            if isinstance(widget, Input):
+                value = value.strip()
+                if not value:
+                    values.append(f"{field.key}=null" if field.optional else f"{field.key}=")
+                    continue
+            values.append(f"{field.key}={value}")
+        return values
+
+    def current_config(self) -> Config | None:
+        """The form as a validated Config, or None with the error shown."""
+        from core.config import apply_override
+        from core.run import absolute_paths
+
+        data = yaml.safe_load(yaml.safe_dump(self.base))
+        try:
+            for override in self.overrides():
+                apply_override(data, override)
+            config = absolute_paths(config_from_dict(data).validate())
+        except DuetError as exc:
+            self.query_one("#errors", Static).update(Text(str(exc), style="bold red"))
+            return None
+        self.query_one("#errors", Static).update("")
+        return config
+
+    @on(Select.Changed, f"#{field_id('objective.name')}")
+    def objective_changed(self, event: Select.Changed) -> None:
+        name = str(event.value)
+        self.query_one("#objective-help", Static).update(OBJECTIVE_HELP[name])
+        self.base["objective"]["name"] = name
+        beta = self.query_one(f"#{field_id('objective.beta')}", Input)
+        beta.placeholder = f"default {DEFAULT_BETA[name]}"
+
+    # -- actions ----------------------------------------------------------------------------------------
+
+    @on(Button.Pressed, "#start")
+    def action_start(self) -> None:
+        from tui.dashboard import DashboardScreen
+        from tui.session import TrainingSession
+
+        config = self.current_config()
+        if config is not None:
+            self.app.switch_screen(DashboardScreen(session=TrainingSession(config)))
+
+    @on(Button.Pressed, "#check")
+    def action_check_data(self) -> None:
+        config = self.current_config()
+        if config is not None:
+            self.query_one("#data-report", Static).update(Text("checking…", style="italic"))
+            self.check_data(config)
+
+    @work(thread=True, exclusive=True, group="check")
+    def check_data(self, config: Config) -> None:
+        from core.data import load_preferences
+        from core.prepare import resolve_data_source
+
+        data = config.data
+        try:
+            _, report = load_preferences(
+                resolve_data_source(data.train),
+                format=data.format,
+                columns=data.columns,
+                split=data.split,
+                skip_invalid=True,
+            )
+            text = Text("\n".join(report.summary_lines()), style="yellow" if report.skipped else "green")
+        except DuetError as exc:
+            text = Text(str(exc), style="bold red")
+        self.app.call_from_thread(self.query_one("#data-report", Static).update, text)
+
+    @on(Button.Pressed, "#inspect")
+    def action_inspect(self) -> None:
+        from tui.inspect_view import InspectScreen
+
+        config = self.current_config()
+        if config is not None:
+            self.app.push_screen(InspectScreen(config))
+
+    @on(Button.Pressed, "#save")
+    def action_save(self) -> None:
+        from tui.dialogs import PathDialog
+
+        config = self.current_config()
+        if config is None:
+            return
+
+        def save(path: str | None) -> None:
+            if not path:
+                return
+            from core.atomic import DiskError, write_text
+
+            try:
+                write_text(Path(path).expanduser(), config.to_yaml())
+            except DiskError as exc:
+                self.notify(str(exc), severity="error")
+                return
+            self.notify(f"saved {path}; train it headless with: python -m core.run --config {path}")
+
+        self.app.push_screen(PathDialog("Save the config as", "duet-run.yaml", "Save"), save)
+
+    @on(Button.Pressed, "#open")
+    def action_open(self) -> None:
+        from tui.dialogs import PathDialog
+
+        def load(path: str | None) -> None:
+            if not path:
+                return
+            from core.config import load_config
+
+            try:
+                config = load_config(path)
+            except DuetError as exc:
+                self.notify(str(exc), severity="error", timeout=8)
+                return
+            self.app.switch_screen(SetupScreen(config, source=path))
+
+        self.app.push_screen(PathDialog("Open a config file", "duet-run.yaml", "Open"), load)
+
+    def action_quit(self) -> None:
+        self.app.exit()
