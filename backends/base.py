@@ -17,6 +17,7 @@ import numpy as np
 
 from core.batching import Batch
 from core.config import Config, LoraConfig
+from core.distributed import SINGLE, Collective
 from core.errors import DuetError
 from core.objectives import Objective
 from core.objectives.ops import ArrayOps
@@ -83,9 +84,16 @@ class Backend(ABC):
 
     @abstractmethod
     def forward_backward(
-        self, batch: Batch, objective: Objective, reference: np.ndarray | None, nll_weight: float, scale: float
+        self,
+        batch: Batch,
+        objective: Objective,
+        reference: np.ndarray | None,
+        nll_weight: float,
+        scale: float,
+        sync: bool = True,
     ) -> StepResult:
-        """Policy forward and backward on one micro-batch; gradients of ``scale`` × loss accumulate."""
+        """Policy forward and backward on one micro-batch; gradients of ``scale`` × loss accumulate. Under
+        torchrun, ``sync`` (the step's last micro-batch) is when gradients are averaged across ranks."""
 
     @abstractmethod
     def evaluate(
@@ -187,14 +195,17 @@ def resolve_backend_name(choice: str) -> str:
     return "torch"
 
 
-def create_backend(config: Config) -> Backend:
-    """The backend a config asks for, with its model loaded and LoRA attached."""
+def create_backend(config: Config, collective: Collective = SINGLE, device: str | None = None) -> Backend:
+    """The backend a config asks for (not yet loaded). Under torchrun, ``collective`` and the rank's ``device``."""
     name = resolve_backend_name(config.model.backend)
+    if collective.enabled and name != "torch":
+        raise BackendError(f"torchrun runs the torch backend; this config asks for {name} (set model.backend=torch).")
     if name == "torch":
         from backends.torch_backend.backend import TorchBackend
 
         backend: Backend = TorchBackend(
-            device=config.model.device,
+            collective=collective,
+            device=device or config.model.device,
             dtype=config.model.dtype,
             gradient_checkpointing=config.model.gradient_checkpointing,
             chunk_size=config.model.logprob_chunk_size,

@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from core import faults
 from core.errors import DuetError
 
 TEMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".tmp-old-"  # a folder being replaced, kept until its successor is in place
 
 
 class DiskError(DuetError):
@@ -59,9 +61,14 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
     try:
         with open(temp, "wb") as handle:
+            if faults.armed("write.partial"):  # killed half-way through writing the bytes
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                faults.reach_now()
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        faults.reach("write.rename")
         os.replace(temp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -106,11 +113,15 @@ def atomic_directory(final: str | Path, *, replace: bool = False) -> Iterator[Pa
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
         _fsync_dir(temp)
+        faults.reach("dir.rename")
         if final.exists():
             if not replace:
                 raise FileExistsError(errno.EEXIST, "already exists", str(final))
-            old = final.with_name(f"{TEMP_PREFIX}old-{final.name}.{os.getpid()}")
+            # two renames: a crash between them leaves the old folder under OLD_PREFIX, which
+            # remove_stale_temporaries puts back, so the previous version is never lost
+            old = final.with_name(f"{OLD_PREFIX}{final.name}.{os.getpid()}")
             os.replace(final, old)
+            faults.reach("dir.swap")
             os.replace(temp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -126,12 +137,47 @@ def atomic_directory(final: str | Path, *, replace: bool = False) -> Iterator[Pa
         raise
 
 
+def recover(final: str | Path) -> None:
+    """Put back ``final`` if a replacement of it was interrupted after the old one was moved aside."""
+    final = Path(final)
+    if final.exists():
+        return
+    for old in sorted(final.parent.glob(f"{OLD_PREFIX}{final.name}.*")):
+        os.replace(old, final)
+        return
+
+
+def _writer_alive(name: str) -> bool:
+    """Temporaries end in ".<pid>": is that process still running (and so maybe still writing)?"""
+    pid = name.rsplit(".", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_temporaries(folder: str | Path) -> None:
-    """Remove what an interrupted atomic write left (temporary files and folders) in ``folder``."""
+    """Clean up after an interrupted atomic write in ``folder``: a replaced folder whose successor never
+    arrived is put back; unfinished temporaries of processes that are gone are removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return
+    for old in folder.glob(f"{OLD_PREFIX}*"):
+        if _writer_alive(old.name):
+            continue
+        original = folder / old.name[len(OLD_PREFIX) :].rsplit(".", 1)[0]
+        if original.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, original)
     for leftover in folder.glob(f"{TEMP_PREFIX}*"):
+        if _writer_alive(leftover.name):
+            continue
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:

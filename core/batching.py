@@ -95,12 +95,12 @@ def plan_batches(
         chunks = [order[i : i + window] for i in range(0, len(order), window)]
         order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks]) if chunks else order
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
-        batches.pop()
     if group_by_length and len(batches) > 1:
         batches = [batches[i] for i in rng.permutation(len(batches))]
         longest = max(range(len(batches)), key=lambda i: lengths[batches[i]].max())
         batches.insert(0, batches.pop(longest))
+    if drop_last:  # after the shuffle: the full batches keep the order they have without drop_last
+        batches = [batch for batch in batches if len(batch) == batch_size]
     return batches
 
 

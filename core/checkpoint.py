@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core import __version__
-from core.atomic import atomic_directory, write_json, write_safetensors
+from core import __version__, faults
+from core.atomic import TEMP_PREFIX, atomic_directory, write_json, write_safetensors
 from core.errors import DuetError
 
 if TYPE_CHECKING:
     from backends.base import Backend
 
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_FORMAT = 1  # raised whenever what a checkpoint holds changes
 STATE_FILE = "trainer_state.json"
 
 
@@ -37,6 +39,7 @@ class TrainerState:
     metrics_offset: int = 0  # size of metrics.jsonl when the checkpoint was written
     backend: str = ""
     duet_version: str = __version__
+    format: int = CHECKPOINT_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,7 +47,9 @@ class TrainerState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainerState:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("format", 0)  # a state file that predates format numbers
+        return cls(**values)
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -65,17 +70,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, backend: Backend, state: TrainerState, keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, backend: Backend, state: TrainerState, keep: int, rng_states: dict | None = None
+) -> Path:
     final = checkpoint_path(run_dir, state.step)
     with atomic_directory(final, replace=True) as folder:
         backend.save_adapter(folder)
+        faults.reach("checkpoint.adapter")
         arrays, scalars = backend.optimizer_state()
         write_safetensors(folder / "optimizer.safetensors", arrays)
         write_json(folder / "optimizer.json", scalars)
-        write_safetensors(folder / "rng.safetensors", backend.rng_state())
+        faults.reach("checkpoint.optimizer")
+        write_safetensors(folder / "rng.safetensors", backend.rng_state() if rng_states is None else rng_states)
         write_json(folder / STATE_FILE, state.to_dict())
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed first: a crash while deleting leaves a temporary, never a half-deleted checkpoint
+        doomed = old.with_name(f"{TEMP_PREFIX}{old.name}.{os.getpid()}")
+        os.replace(old, doomed)
+        faults.reach("checkpoint.prune")
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
@@ -86,11 +99,17 @@ def read_state(checkpoint: Path) -> TrainerState:
         raise CheckpointError(f"{checkpoint}: not a readable Duet checkpoint ({exc}).") from None
 
 
-def load_checkpoint(checkpoint: Path, backend: Backend, run_id: str) -> TrainerState:
+def load_checkpoint(checkpoint: Path, backend: Backend, run_id: str, rank: int = 0) -> TrainerState:
     """Restore adapter, optimizer and RNG from ``checkpoint``; the trainer state says where to continue."""
     from safetensors.numpy import load_file
 
     state = read_state(checkpoint)
+    if state.format != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{checkpoint}: written by Duet {state.duet_version} in checkpoint format {state.format}; "
+            f"this Duet ({__version__}) reads format {CHECKPOINT_FORMAT}. Resume it with the Duet "
+            "that wrote it, or start a new run."
+        )
     if state.run_id != run_id:
         raise CheckpointError(
             f"{checkpoint}: this checkpoint belongs to another run ({state.run_id}, not "
@@ -106,7 +125,16 @@ def load_checkpoint(checkpoint: Path, backend: Backend, run_id: str) -> TrainerS
             load_file(str(checkpoint / "optimizer.safetensors")),
             json.loads((checkpoint / "optimizer.json").read_text()),
         )
-        backend.set_rng_state(load_file(str(checkpoint / "rng.safetensors")))
+        rng = load_file(str(checkpoint / "rng.safetensors"))
+        if any(key.startswith("rank") for key in rng):  # written under torchrun: this rank's own streams
+            prefix = f"rank{rank}."
+            rng = {key[len(prefix) :]: value for key, value in rng.items() if key.startswith(prefix)}
+            if not rng:
+                raise CheckpointError(
+                    f"{checkpoint}: written by a run with fewer ranks than this one (no state "
+                    f"for rank {rank}); resume with the same number of processes."
+                )
+        backend.set_rng_state(rng)
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise CheckpointError(
             f"{checkpoint}: incomplete or damaged checkpoint ({exc}). Delete this checkpoint folder to resume "

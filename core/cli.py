@@ -133,7 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASS_THROUGH = {"run": _run_main, "bench": _bench_main}  # commands with parsers of their own
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASS_THROUGH:  # argparse would read their options ("--config") as duet's own
+        try:
+            return PASS_THROUGH[argv[0]](argv[1:])
+        except KeyboardInterrupt:
+            return 130
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)

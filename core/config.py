@@ -49,6 +49,7 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)  # Duet name → your column name
     split: str = "train"
     skip_invalid: bool = False
+    drop_duplicates: bool = False  # identical pairs otherwise count twice (a warning says so)
     chat_template: str = "auto"  # auto | plain | chatml | path to a .jinja file | the template itself
     max_length: int = 1024
     max_prompt_length: int | None = 512
@@ -180,6 +181,8 @@ class TrainConfig:
     cache_dir: str | None = None  # reference log-probs and other caches; None: ~/.cache/duet
     run_name: str | None = None  # None: a timestamp
     nonfinite: Literal["stop", "skip"] = "stop"  # what to do when a loss or gradient is NaN/inf
+    # under torchrun: how long a rank waits on the others before the job fails (a dead rank, a hung node)
+    distributed_timeout: float = 600.0
     max_skipped_steps: int = 10
 
     def validate(self) -> None:
@@ -197,6 +200,7 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be ≥ 0, got {self.weight_decay}.")
         if self.max_grad_norm is not None:
             _positive("train.max_grad_norm", self.max_grad_norm)
+        _positive("train.distributed_timeout", self.distributed_timeout)
         if self.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints must be ≥ 1, got {self.keep_checkpoints}.")
         for key in ("eval_every", "save_every", "log_every"):

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from core.adapters import Adapter, AdapterError, read_adapter, write_mlx, write_peft
-from core.atomic import atomic_directory, write_json
+from core.atomic import atomic_directory, recover, write_json
 from core.checkpoint import latest_checkpoint
 
 FORMATS = ("peft", "mlx", "merged")
@@ -85,6 +85,7 @@ def export(source: str | Path, to: str, out: str | Path, *, base_model: str | No
     if to not in FORMATS:
         raise AdapterError(f"--to {to}: choose one of {', '.join(FORMATS)}.")
     out = Path(out).expanduser()
+    recover(out)  # an export that was killed while replacing this folder left the previous one aside
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise AdapterError(f"{out} exists and is not empty; choose another folder or pass --force to replace it.")
     folder, run_base = adapter_source(source)

@@ -54,9 +54,10 @@ def folder_fingerprint(folder: str | Path, cache_dir: Path | None = None) -> str
         if file.is_file() and (file.suffix in WEIGHT_SUFFIXES or file.suffix == ".json"):
             digest.update(file.name.encode() + b"\0" + file_digest(file, memo).encode() + b"\0")
     if memo_path is not None:
-        from core.atomic import write_json
+        from core.atomic import remove_stale_temporaries, write_json
 
         memo_path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(memo_path.parent)
         write_json(memo_path, memo)
     return digest.hexdigest()
 

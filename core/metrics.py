@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from core import faults
+
 Event = dict[str, Any]
 Callback = Callable[[Event], None]
 
@@ -43,6 +45,10 @@ class MetricsLog:
 
     def __call__(self, event: Event) -> None:
         line = json.dumps(_clean(event), separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        if faults.armed("metrics.line"):  # killed half-way through a line: readers must skip the torn end
+            self._handle.write(line[: len(line) // 2])
+            self._handle.flush()
+            faults.reach_now()
         self._handle.write(line)
         self._handle.flush()
         os.fsync(self._handle.fileno())

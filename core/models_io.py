@@ -28,6 +28,32 @@ def resolve_model_path(path: str) -> str:
     return path  # a hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_model_folder(location: str, name: str) -> None:
+    """A local model folder must hold a config and safetensors weights: pickled weights are refused, since
+    unpickling a file can run any code in it."""
+    folder = Path(location)
+    if not folder.is_dir():
+        return  # a hub id: transformers fetches safetensors only (use_safetensors=True)
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"model {name}: no config.json in {folder}; give the folder a model was saved to "
+            "(save_pretrained), or a hub id."
+        )
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ModelError(
+            f"model {name}: its weights are pickle files ({', '.join(pickled)}); Duet loads safetensors "
+            "only, because unpickling can run code. Convert them, where you trust their source, with "
+            "transformers (from_pretrained, then save_pretrained(..., safe_serialization=True))."
+        )
+    raise ModelError(f"model {name}: no weights in {folder} (expected *.safetensors).")
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 

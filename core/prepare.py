@@ -39,6 +39,7 @@ def resolve_data_source(source: str) -> str:
 def _load_split(source: str, config: DataConfig, chat: ChatTokenizer) -> PreparedSplit:
     pairs, load_report = load_preferences(
         resolve_data_source(source),
+        drop_duplicates=config.drop_duplicates,
         format=config.format,
         columns=config.columns,
         split=config.split,

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.atomic import write_safetensors
+from core import faults
+from core.atomic import remove_stale_temporaries, write_safetensors
 from core.batching import collate
+from core.distributed import SINGLE, Collective
 from core.fingerprint import combine, tokens_fingerprint
 from core.tokenization import TokenizedPair
 
@@ -42,6 +44,15 @@ class ReferenceLogps:
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"index": self.index, "chosen": self.chosen, "rejected": self.rejected}
+
+    def rows(self) -> np.ndarray:
+        """[N, 3] float64 (pair index, chosen, rejected): what ranks exchange."""
+        return np.stack([self.index.astype(np.float64), self.chosen, self.rejected], axis=1)
+
+    @classmethod
+    def from_rows(cls, rows: np.ndarray) -> ReferenceLogps:
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+        return cls(rows[:, 0].astype(np.int64), rows[:, 1].copy(), rows[:, 2].copy())
 
     @classmethod
     def from_file(cls, path: Path) -> ReferenceLogps:
@@ -74,6 +85,7 @@ def compute_reference(
         batch = collate([pairs[i] for i in rows], pad_id, pad_to_multiple_of)
         logps = backend.sequence_logps(batch, adapter=adapter)
         chosen[rows], rejected[rows] = logps[: len(rows)], logps[len(rows) :]
+        faults.reach("reference.batch")
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))
     return ReferenceLogps(np.array([p.index for p in pairs], dtype=np.int64), chosen, rejected)
@@ -90,31 +102,41 @@ def load_or_compute(
     adapter: bool,
     pad_to_multiple_of: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    collective: Collective = SINGLE,
 ) -> tuple[ReferenceLogps, bool]:
-    """(log-probs, whether they came from the cache)."""
+    """(log-probs, whether they came from the cache). Under torchrun each rank computes its share and every
+    rank ends with all of them; rank 0 alone reads and writes the cache."""
     path = cache_dir / "reference" / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            cached = ReferenceLogps.from_file(path)
-            if len(cached.index) == len(pairs):
-                return cached, True
-        except Exception:  # any damage (safetensors raises its own types): recompute and replace
-            pass
-    reference = compute_reference(
+    cached = None
+    if collective.is_main:
+        remove_stale_temporaries(path.parent)  # what killed runs left; others' live writes are kept
+        if path.is_file():
+            try:
+                cached = ReferenceLogps.from_file(path)
+            except Exception:  # any damage (safetensors raises its own types): recompute and replace
+                cached = None
+            if cached is not None and len(cached.index) != len(pairs):
+                cached = None
+    if collective.any(cached is not None):
+        rows = collective.gather(cached.rows() if cached is not None else np.zeros((0, 3)))  # rank 0's, to all
+        return ReferenceLogps.from_rows(rows), True
+    local = compute_reference(
         backend,
-        pairs,
+        collective.shard(pairs),
         batch_size=batch_size,
         pad_id=pad_id,
         adapter=adapter,
         pad_to_multiple_of=pad_to_multiple_of,
         progress=progress,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        "pairs": str(len(pairs)),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "backend": backend.name,
-        "info": json.dumps(backend.info().__dict__, default=str),
-    }
-    write_safetensors(path, reference.arrays(), metadata)
+    reference = ReferenceLogps.from_rows(collective.gather(local.rows()))
+    if collective.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "pairs": str(len(pairs)),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "backend": backend.name,
+            "info": json.dumps(backend.info().__dict__, default=str),
+        }
+        write_safetensors(path, reference.arrays(), metadata)
     return reference, False

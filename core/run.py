@@ -24,12 +24,14 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from core import faults
 from core.atomic import atomic_directory, write_safetensors, write_text
 from core.checkpoint import TrainerState, latest_checkpoint, load_checkpoint
 from core.config import Config, ConfigError, apply_override, config_from_dict, read_yaml
+from core.distributed import SINGLE, Collective, DistributedError, init_distributed, shutdown_distributed
 from core.errors import DuetError
 from core.fingerprint import cache_root, folder_fingerprint, model_fingerprint, tokens_fingerprint
-from core.metrics import ConsoleReporter, Event, MetricsLog, truncate_metrics
+from core.metrics import ConsoleReporter, Event, MetricsLog, read_metrics, truncate_metrics
 from core.model_card import model_card
 from core.objectives import build_objective
 from core.prepare import PreparedData, prepare_data
@@ -123,6 +125,14 @@ class _Events:
         for sink in self.sinks:
             sink(event)
 
+    def remember(self, events: list[Event]) -> None:
+        """Take the latest train and eval metrics from events logged before a resume."""
+        for event in events:
+            if event.get("type") == "train":
+                self.last_train = event
+            elif event.get("type") == "eval":
+                self.last_eval = event
+
     def final_metrics(self) -> dict[str, Any]:
         keep = lambda e: {k: v for k, v in e.items() if isinstance(v, (int, float)) and k not in ("time", "type")}  # noqa: E731
         return {**keep(self.last_train), **keep(self.last_eval)}
@@ -157,6 +167,7 @@ def _references(
     resumed: bool,
     emit: Callable[[Event], None],
     pad_multiple: int,
+    collective: Collective = SINGLE,
 ) -> tuple[ReferenceLogps | None, ReferenceLogps | None]:
     splits = {"train": data.train.tokenized, "eval": data.eval.tokenized if data.eval else []}
     stored = {name: run_dir.reference_dir / f"{name}.safetensors" for name in splits}
@@ -197,6 +208,7 @@ def _references(
             pad_id=data.chat.pad_id,
             adapter=bool(start_adapter),
             pad_to_multiple_of=pad_multiple,
+            collective=collective,
         )
         where = cache / "reference" / f"{key}.safetensors"
         message = (
@@ -206,8 +218,9 @@ def _references(
             f"{time.perf_counter() - started:.1f}s, cached at {where}"
         )
         emit({"type": "reference", "split": name, "cache_hit": hit, "key": key, "message": message})
-        run_dir.reference_dir.mkdir(exist_ok=True)
-        write_safetensors(stored[name], reference.arrays())
+        if collective.is_main:
+            run_dir.reference_dir.mkdir(exist_ok=True)
+            write_safetensors(stored[name], reference.arrays())
         results[name] = reference
     return results["train"], results["eval"]
 
@@ -236,15 +249,9 @@ def run(
         "on_ready": on_ready,
     }
     if resume is None:
-        cfg = resolve_config(config, overrides)
-        backend, data, objective = _prepare(cfg)
-        run_dir = RunDirectory.create(cfg, fingerprints=_fingerprints(data))
-        with run_dir.lock():
-            return _execute(run_dir, cfg, backend, data, objective, None, resumed=False, **options)
-
-    run_dir = RunDirectory.open(resume)
-    with run_dir.lock():  # before anything else: never clean up or read what another live run is writing
-        run_dir.remove_stale_temporaries()
+        cfg, run_dir = resolve_config(config, overrides), None
+    else:
+        run_dir = RunDirectory.open(resume)  # reads only; nothing is touched before the lock is held
         for override in overrides:
             key = override.partition("=")[0].strip()
             if key not in RESUME_OVERRIDABLE:
@@ -253,33 +260,80 @@ def run(
                     f"a resumed run may change {', '.join(RESUME_OVERRIDABLE)}."
                 )
         cfg = run_dir.load_config(overrides)
-        backend, data, objective = _prepare(cfg)
+    collective, device = init_distributed(cfg.model.device, cfg.train.distributed_timeout)
+    try:
+        if run_dir is None:
+            return _new_run(cfg, collective, device, options)
+        return _resumed_run(run_dir, cfg, bool(overrides), collective, device, options)
+    finally:
+        shutdown_distributed(collective)
+
+
+def _new_run(cfg: Config, collective: Collective, device: str, options: dict[str, Any]) -> RunResult:
+    backend, data, objective = _prepare(cfg, collective, device)
+    run_dir = _shared_run_directory(cfg, data, collective)
+    with run_dir.lock() if collective.is_main else contextlib.nullcontext():
+        return _execute(run_dir, cfg, backend, data, objective, None, resumed=False, collective=collective, **options)
+
+
+def _shared_run_directory(cfg: Config, data: PreparedData, collective: Collective) -> RunDirectory:
+    """Rank 0 creates the run directory; the other ranks learn where it is (or why it could not be)."""
+    if not collective.enabled:
+        return RunDirectory.create(cfg, fingerprints=_fingerprints(data))
+    if collective.is_main:
+        try:
+            run_dir = RunDirectory.create(cfg, fingerprints=_fingerprints(data))
+        except DuetError as exc:
+            collective.broadcast_text(f"\0{exc}")
+            raise
+        collective.broadcast_text(f"{run_dir.path}\n{run_dir.run_id}")
+        return run_dir
+    shared = collective.broadcast_text(None)
+    if shared.startswith("\0"):
+        raise DistributedError(f"rank 0 could not create the run directory: {shared[1:]}")
+    path, run_id = shared.split("\n")
+    return RunDirectory(Path(path), run_id)
+
+
+def _resumed_run(
+    run_dir: RunDirectory, cfg: Config, changed: bool, collective: Collective, device: str, options: dict[str, Any]
+) -> RunResult:
+    # the lock first: never clean up or read what another live run is writing
+    with run_dir.lock() if collective.is_main else contextlib.nullcontext():
+        if collective.is_main:
+            run_dir.remove_stale_temporaries()
+        collective.barrier()
+        backend, data, objective = _prepare(cfg, collective, device)
         run_dir.check_fingerprints(_fingerprints(data))
         state = None
         checkpoint = latest_checkpoint(run_dir.path)
         if checkpoint is not None:
             backend.setup_optimizer(weight_decay=cfg.train.weight_decay)
-            state = load_checkpoint(checkpoint, backend, run_dir.run_id)
-            _, total = schedule_length(len(data.train.tokenized), cfg)
-            if state.step >= total:
+            state = load_checkpoint(checkpoint, backend, run_dir.run_id, rank=collective.rank)
+            _, total = schedule_length(len(data.train.tokenized), cfg, collective.world_size)
+            if state.step >= total and run_dir.adapter_dir.is_dir():
                 raise RunDirError(
                     f"{run_dir.path} finished all {state.step} steps; its adapter is in "
                     f"{run_dir.adapter_dir}. To train on, resume with train.max_steps above {state.step}."
                 )
-        truncate_metrics(run_dir.metrics_file, state.metrics_offset if state else 0)
-        if overrides:
-            write_text(run_dir.config_file, cfg.to_yaml())
-        return _execute(run_dir, cfg, backend, data, objective, state, resumed=True, **options)
+        if collective.is_main:
+            truncate_metrics(run_dir.metrics_file, state.metrics_offset if state else 0)
+            if changed:
+                write_text(run_dir.config_file, cfg.to_yaml())
+        collective.barrier()  # the metrics are cut back before any rank goes on
+        return _execute(run_dir, cfg, backend, data, objective, state, resumed=True, collective=collective, **options)
 
 
-def _prepare(cfg: Config):
+def _prepare(cfg: Config, collective: Collective = SINGLE, device: str | None = None):
     """The backend with its model and LoRA, the tokenized data, the objective."""
     from backends.base import create_backend
 
-    backend = create_backend(cfg)
+    backend = create_backend(cfg, collective, device)
     backend.load_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    backend.seed(cfg.train.seed)
+    backend.seed(cfg.train.seed)  # the same LoRA initialization on every rank
     backend.attach_lora(cfg.lora, adapter_path=cfg.model.adapter)
+    if collective.enabled:
+        backend.seed(cfg.train.seed * 7919 + collective.rank)  # but each rank its own dropout masks
     data = prepare_data(cfg.data, backend.tokenizer, cfg.train.seed)
     return backend, data, build_objective(cfg.objective)
 
@@ -305,13 +359,18 @@ def _execute(
     control: RunControl,
     handle_signals: bool,
     on_ready: Callable[[Any, PreparedData], None] | None,
+    collective: Collective = SINGLE,
 ) -> RunResult:
-    """Train and export inside a locked run directory, every event to metrics.jsonl, the console and ``callback``."""
+    """Train and export inside a locked run directory, every event to metrics.jsonl, the console and ``callback``
+    (under torchrun, rank 0 writes and reports; the other ranks train silently)."""
     if on_ready is not None:
         on_ready(backend, data)
-    metrics_log = MetricsLog(run_dir.metrics_file)
+    earlier = read_metrics(run_dir.metrics_file) if resumed else []  # what the run logged before this process
+    metrics_log = MetricsLog(run_dir.metrics_file) if collective.is_main else None
     reporter = ConsoleReporter(console)
-    emit = _Events([metrics_log, reporter] + ([callback] if callback else []))
+    sinks = [metrics_log, reporter] + ([callback] if callback else []) if collective.is_main else []
+    emit = _Events(sinks)
+    emit.remember(earlier)
     try:
         return _train_and_export(
             backend,
@@ -326,6 +385,7 @@ def _execute(
             resumed=resumed,
             handle_signals=handle_signals,
             console=console,
+            collective=collective,
         )
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
@@ -337,7 +397,34 @@ def _execute(
         raise
     finally:
         reporter.close()
-        metrics_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
+
+
+def data_warnings(data: PreparedData) -> list[str]:
+    """What the user should know about the data before hours of training on it."""
+    warnings = []
+    for split in (data.train, data.eval):
+        if split is None:
+            continue
+        load, tokens = split.load_report, split.tokenize_report
+        if load.duplicates and not load.duplicates_dropped:
+            warnings.append(
+                f"{load.source}: {load.duplicates} duplicated pairs (e.g. {load.duplicate_examples[0]}) "
+                "count twice in training; set data.drop_duplicates=true to keep one of each."
+            )
+        if load.skipped:
+            warnings.append(
+                f"{load.source}: skipped {load.skipped_total} invalid rows (data.skip_invalid); first: "
+                f"{load.skipped_examples[0]}"
+            )
+        if tokens.dropped_no_response:
+            warnings.append(
+                f"{load.source}: {tokens.dropped_no_response} pairs dropped: their prompts leave no room "
+                "for a reply within data.max_length."
+            )
+        warnings += [f"{load.source}: {w}" for w in tokens.warnings]
+    return list(dict.fromkeys(warnings))  # eval split from train shares its reports: say each thing once
 
 
 def _train_and_export(
@@ -349,18 +436,21 @@ def _train_and_export(
     state: TrainerState | None,
     emit: _Events,
     control: RunControl,
-    metrics_log: MetricsLog,
+    metrics_log: MetricsLog | None,
     *,
     resumed: bool,
     handle_signals: bool,
     console: Console,
+    collective: Collective = SINGLE,
 ) -> RunResult:
-    _, total_steps = schedule_length(len(data.train.tokenized), cfg)
+    for warning in data_warnings(data):
+        emit({"type": "warning", "message": warning})
+    _, total_steps = schedule_length(len(data.train.tokenized), cfg, collective.world_size)
     pad_multiple = getattr(backend, "pad_to_multiple_of", 1)
     train_ref, eval_ref = (
         (None, None)
         if objective.is_reference_free
-        else _references(backend, data, cfg, run_dir, resumed, emit, pad_multiple)
+        else _references(backend, data, cfg, run_dir, resumed, emit, pad_multiple, collective)
     )
     if state is None:
         backend.setup_optimizer(weight_decay=cfg.train.weight_decay)
@@ -383,8 +473,10 @@ def _train_and_export(
             "eval_pairs": len(data.eval.tokenized) if data.eval else 0,
             "trainable_parameters": backend.trainable_parameters(),
             "total_parameters": backend.total_parameters(),
+            "world_size": collective.world_size,
             "message": f"{'resuming' if resumed else 'training'} {cfg.objective.name} on {info.name} ({info.device}, "
-            f"{info.dtype}): {len(data.train.tokenized)} pairs, {total_steps} steps, run {run_dir.path}",
+            f"{info.dtype}{f', {collective.world_size} processes' if collective.enabled else ''}): "
+            f"{len(data.train.tokenized)} pairs, {total_steps} steps, run {run_dir.path}",
         }
     )
     train_data = TrainData(
@@ -394,6 +486,7 @@ def _train_and_export(
         eval_ref,
         data.chat.pad_id,
         pad_multiple,
+        collective,
     )
     with _signals_stop(control, lambda m: console.print(m, highlight=False), handle_signals):
         state = train(
@@ -405,7 +498,7 @@ def _train_and_export(
             run_dir=run_dir.path,
             emit=emit,
             control=control,
-            metrics_offset=metrics_log.offset,
+            metrics_offset=metrics_log.offset if metrics_log else (lambda: 0),
         )
     final = emit.final_metrics()
     if state.step < state.total_steps:
@@ -419,9 +512,12 @@ def _train_and_export(
             }
         )
         return RunResult(run_dir.path, None, final, state, stopped=True, events=emit.history)
+    if not collective.is_main:  # rank 0 exports; the adapters are the same on every rank
+        return RunResult(run_dir.path, run_dir.adapter_dir, final, state, events=emit.history)
 
     with atomic_directory(run_dir.adapter_dir, replace=True) as folder:
         backend.save_adapter(folder)
+        faults.reach("export.adapter")
         write_text(
             folder / "README.md",
             model_card(

@@ -103,8 +103,8 @@ class RunDirectory:
 
     def remove_stale_temporaries(self) -> None:
         """What an interrupted write left behind; only ever called with the lock held."""
-        remove_stale_temporaries(self.path)
-        remove_stale_temporaries(self.path / "checkpoints")
+        for folder in (self.path, self.path / "checkpoints", self.reference_dir):
+            remove_stale_temporaries(folder)
 
     def check_fingerprints(self, fingerprints: dict[str, str]) -> None:
         """Resuming needs the very data the run started with (same files, tokenizer, template, truncation)."""

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.batching import Batch, collate, plan_batches
+from core import faults
+from core.batching import collate, plan_batches
 from core.checkpoint import TrainerState, save_checkpoint
 from core.config import Config
+from core.distributed import SINGLE, Collective
 from core.errors import DuetError
 from core.metrics import Callback, format_duration
 from core.objectives import Objective
@@ -88,39 +90,49 @@ class TrainData:
     eval_reference: ReferenceLogps | None
     pad_id: int
     pad_to_multiple_of: int = 1
+    collective: Collective = SINGLE  # under torchrun: this rank, and how to reach the others
 
 
-def schedule_length(num_pairs: int, config: Config) -> tuple[int, int]:
-    """(micro-batches per epoch, total optimizer steps)."""
+def schedule_length(num_pairs: int, config: Config, world_size: int = 1) -> tuple[int, int]:
+    """(micro-batches per epoch, total optimizer steps). A global micro-batch holds batch_size pairs per rank."""
     train = config.train
-    batches_per_epoch = max(1, math.ceil(num_pairs / train.batch_size))
+    per_batch = train.batch_size * world_size
+    batches_per_epoch = max(1, num_pairs // per_batch if world_size > 1 else math.ceil(num_pairs / per_batch))
     if train.max_steps is not None:
         return batches_per_epoch, train.max_steps
     return batches_per_epoch, max(1, math.ceil(train.epochs * batches_per_epoch / train.grad_accum))
 
 
-def micro_batches(data: TrainData, config: Config, epoch: int, position: int) -> Iterator[tuple[int, int, Batch]]:
-    """(epoch, position after this batch, batch) forever, from ``(epoch, position)`` on; each epoch's order is
-    a pure function of the seed and the epoch, so a resumed run sees exactly the batches it would have."""
+def micro_batches(data: TrainData, config: Config, epoch: int, position: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(epoch, position after this micro-batch, the global micro-batch's pair positions) forever, from
+    ``(epoch, position)`` on. Each epoch's order is a pure function of the seed and the epoch, the same on
+    every rank, so a resumed run, or a run on more ranks, sees exactly the pairs it would have. Under
+    torchrun a last incomplete global batch is dropped: every rank needs pairs."""
     lengths = [p.length for p in data.train]
+    world = data.collective.world_size
     while True:
         plan = plan_batches(
             lengths,
-            config.train.batch_size,
+            config.train.batch_size * world,
             seed=config.train.seed,
             epoch=epoch,
             group_by_length=config.train.group_by_length,
+            drop_last=world > 1,
         )
         for index in range(position, len(plan)):
-            pairs = [data.train[i] for i in plan[index]]
-            yield epoch, index + 1, collate(pairs, data.pad_id, data.pad_to_multiple_of)
+            yield epoch, index + 1, plan[index]
         epoch, position = epoch + 1, 0
 
 
-def _weighted_mean(results: list[StepResult]) -> dict[str, float]:
-    pairs = sum(r.num_pairs for r in results)
-    keys = results[0].metrics.keys()
-    return {k: sum(r.metrics[k] * r.num_pairs for r in results) / pairs for k in keys}
+def reduce_results(results: list[StepResult], collective: Collective) -> tuple[dict[str, float], np.ndarray, int, int]:
+    """(pair-weighted mean metrics, every pair's margin, pairs, tokens) over micro-batches and ranks."""
+    keys = sorted(results[0].metrics)
+    local = [sum(r.metrics[k] * r.num_pairs for r in results) for k in keys]
+    local += [sum(r.num_pairs for r in results), sum(r.num_tokens for r in results)]
+    totals = collective.sum(np.array(local))
+    pairs, tokens = int(totals[-2]), int(totals[-1])
+    margins = collective.gather(np.concatenate([r.margins for r in results]))[:, 0]
+    return {k: float(v) / max(pairs, 1) for k, v in zip(keys, totals[:-2], strict=True)}, margins, pairs, tokens
 
 
 def evaluate_split(
@@ -131,70 +143,106 @@ def evaluate_split(
     config: Config,
     pad_id: int,
     pad_to_multiple_of: int = 1,
+    collective: Collective = SINGLE,
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics over a whole split (pair-weighted means) and every pair's margin."""
-    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)
-    results, margins = [], []
+    """Metrics over a whole split (pair-weighted means) and every pair's margin; each rank takes its share."""
+    mine = collective.shard(sorted(range(len(pairs)), key=lambda i: -pairs[i].length))
+    results = []
     size = config.train.batch_size
-    for start in range(0, len(order), size):
-        batch = collate([pairs[i] for i in order[start : start + size]], pad_id, pad_to_multiple_of)
+    for start in range(0, len(mine), size):
+        batch = collate([pairs[i] for i in mine[start : start + size]], pad_id, pad_to_multiple_of)
         ref = None if reference is None else reference.for_batch(batch.pair_indices)
-        result = backend.evaluate(batch, objective, ref, config.objective.nll_weight)
-        results.append(result)
-        margins.append(result.margins)
-    return _weighted_mean(results), np.concatenate(margins)
+        results.append(backend.evaluate(batch, objective, ref, config.objective.nll_weight))
+        faults.reach("eval.batch")
+    if not results:  # a rank with no evaluation pairs still takes part in the sums
+        results = [StepResultShape.empty(objective, config)]
+    metrics, margins, _, _ = reduce_results(results, collective)
+    return metrics, margins
 
 
-def _describe_batch(micro: list[tuple[int, int, Batch]]) -> str:
+class StepResultShape:
+    """A zero-pair result with the right metric names, for a rank that has nothing to evaluate."""
+
+    @staticmethod
+    def empty(objective: Objective, config: Config) -> StepResult:
+        from backends.base import StepResult
+        from core.objectives import NumpyOps, PolicyOutputs, evaluate
+
+        one = np.ones(1)
+        names = evaluate(
+            objective, NumpyOps(), PolicyOutputs(one, one, one, one, one, one), config.objective.nll_weight
+        ).metrics
+        return StepResult({k: 0.0 for k in names}, np.zeros(0), 0, 0)
+
+
+def _describe_batch(micro: list[tuple[int, int, np.ndarray]], data: TrainData) -> str:
     epoch, position, _ = micro[-1]
     first = micro[0][1]
-    indices = np.concatenate([b.pair_indices for _, _, b in micro]).tolist()
+    indices = [data.train[i].index for _, _, batch in micro for i in batch]
     shown = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
     return f"epoch {epoch}, micro-batches {first}-{position} (data pairs {shown})"
 
 
+def gather_rng_states(backend: Backend, collective: Collective) -> dict[str, np.ndarray]:
+    """This process's RNG state, or under torchrun every rank's, keyed ``rank<r>.<name>``."""
+    local = backend.rng_state()
+    if not collective.enabled:
+        return local
+    states = {}
+    for name in sorted(local):
+        rows = collective.gather(local[name].reshape(1, -1).astype(np.float64))
+        for rank, row in enumerate(rows):
+            states[f"rank{rank}.{name}"] = row.astype(local[name].dtype)
+    return states
+
+
 @dataclass
 class StepOutcome:
-    """One optimizer step: its micro-batches, their results, the rate used and what the update did."""
+    """One optimizer step: its micro-batches (global pair positions), the reduced results, the rate used and
+    what the update did."""
 
-    micro: list[tuple[int, int, Batch]]
-    results: list[StepResult]
+    micro: list[tuple[int, int, np.ndarray]]
+    metrics: dict[str, float]
+    margins: np.ndarray
+    pairs: int
+    tokens: int
     lr: float
     loss_finite: bool
     update: UpdateResult | None  # None when a non-finite loss kept the update from being tried
-
-    @property
-    def pairs(self) -> int:
-        return sum(batch.num_pairs for _, _, batch in self.micro)
-
-    @property
-    def tokens(self) -> int:
-        return sum(batch.num_tokens for _, _, batch in self.micro)
 
 
 def optimizer_step(
     backend: Backend, objective: Objective, data: TrainData, config: Config, stream, lr: float
 ) -> StepOutcome:
-    """Forward/backward over ``grad_accum`` micro-batches (each weighted by its share of the pairs), then the
-    update, unless the loss is not finite."""
+    """Forward/backward over ``grad_accum`` micro-batches, each rank on its share, then the update, unless a
+    loss was not finite on any rank. Each micro-batch's loss is weighted by its share of the step's pairs
+    (times the world size, as DDP averages gradients over ranks): the step's gradient is that of the mean
+    loss over all its pairs, however they were split."""
+    collective = data.collective
     micro = [next(stream) for _ in range(config.train.grad_accum)]
-    pairs = sum(batch.num_pairs for _, _, batch in micro)
+    step_pairs = sum(len(indices) for _, _, indices in micro)
     results = []
-    for _, _, batch in micro:
+    for number, (_, _, indices) in enumerate(micro):
+        batch = collate([data.train[i] for i in collective.shard(list(indices))], data.pad_id, data.pad_to_multiple_of)
         reference = None if objective.is_reference_free else data.train_reference.for_batch(batch.pair_indices)
+        scale = batch.num_pairs / step_pairs * collective.world_size
         results.append(
             backend.forward_backward(
-                batch, objective, reference, config.objective.nll_weight, scale=batch.num_pairs / pairs
+                batch, objective, reference, config.objective.nll_weight, scale=scale, sync=number == len(micro) - 1
             )
         )
-    loss_finite = all(math.isfinite(r.metrics["loss"]) for r in results)
+    faults.reach("step.backward")  # gradients computed, the update not yet applied
+    metrics, margins, pairs, tokens = reduce_results(results, collective)
+    local_finite = all(math.isfinite(r.metrics["loss"]) for r in results)
+    loss_finite = not collective.any(not local_finite)
     if not loss_finite:
         backend.discard_gradients()
-        return StepOutcome(micro, results, lr, False, None)
-    return StepOutcome(micro, results, lr, True, backend.apply_gradients(lr, config.train.max_grad_norm))
+        return StepOutcome(micro, metrics, margins, pairs, tokens, lr, False, None)
+    update = backend.apply_gradients(lr, config.train.max_grad_norm)
+    return StepOutcome(micro, metrics, margins, pairs, tokens, lr, True, update)
 
 
-def check_finite(outcome: StepOutcome, state: TrainerState, config: Config, emit: Callback) -> None:
+def check_finite(outcome: StepOutcome, state: TrainerState, config: Config, data: TrainData, emit: Callback) -> None:
     """Warn about a skipped step; raise when the run should stop (the default, or past the skip limit)."""
     step = state.step + 1
     if outcome.loss_finite and outcome.update.applied:
@@ -210,7 +258,9 @@ def check_finite(outcome: StepOutcome, state: TrainerState, config: Config, emit
         )
         return
     what = "loss" if not outcome.loss_finite else f"gradient (norm {outcome.update.grad_norm})"
-    message = f"step {step}: the {what} is not finite at {_describe_batch(outcome.micro)}; the update was not applied"
+    message = (
+        f"step {step}: the {what} is not finite at {_describe_batch(outcome.micro, data)}; the update was not applied"
+    )
     state.skipped_steps += 1
     tc = config.train
     if tc.nonfinite == "stop" or state.skipped_steps > tc.max_skipped_steps:
@@ -235,7 +285,7 @@ def train_event(
         "step": state.step,
         "total_steps": state.total_steps,
         "epoch": round(state.epoch + state.batch_in_epoch / batches_per_epoch, 4),
-        **_weighted_mean(outcome.results),
+        **outcome.metrics,
         "learning_rate": outcome.lr,
         "grad_norm": outcome.update.grad_norm if outcome.update else None,
         "tokens_per_second": outcome.tokens / elapsed if elapsed > 0 else None,
@@ -243,7 +293,7 @@ def train_event(
         "tokens": outcome.tokens,
         "elapsed": state.elapsed_seconds,
         "eta": step_seconds * (state.total_steps - state.step),
-        "margins": np.concatenate([r.margins for r in outcome.results]).round(6).tolist(),
+        "margins": outcome.margins.round(6).tolist(),
         "memory": backend.memory(),
     }
 
@@ -263,10 +313,12 @@ def train(
     """Run optimizer steps from ``state`` to ``state.total_steps``. Returns the state reached."""
     tc = config.train
     warmup = warmup_steps(state.total_steps, tc.warmup_steps, tc.warmup_ratio)
+    collective = data.collective
     stream = micro_batches(data, config, state.epoch, state.batch_in_epoch)
-    batches_per_epoch, _ = schedule_length(len(data.train), config)
+    batches_per_epoch, _ = schedule_length(len(data.train), config, collective.world_size)
     step_seconds: float | None = None
-    while state.step < state.total_steps and not control.stop_requested:
+    # under torchrun, decisions are taken together: a rank that got SIGTERM stops the others with it
+    while state.step < state.total_steps and not collective.any(control.stop_requested):
         if control.paused:
             emit({"type": "paused", "step": state.step, "message": f"paused at step {state.step}"})
             control.wait_while_paused()
@@ -278,8 +330,9 @@ def train(
             lr = learning_rate(state.step, total_steps=state.total_steps, peak=tc.lr, warmup=warmup, kind=tc.schedule)
             outcome = optimizer_step(backend, objective, data, config, stream, lr)
             state.epoch, state.batch_in_epoch = outcome.micro[-1][0], outcome.micro[-1][1]
-            check_finite(outcome, state, config, emit)
+            check_finite(outcome, state, config, data, emit)
             state.step += 1
+            faults.reach("step.updated")  # the update applied, nothing logged or saved yet
             elapsed = time.perf_counter() - started
             step_seconds = elapsed if step_seconds is None else 0.8 * step_seconds + 0.2 * elapsed
             state.tokens_seen += outcome.tokens
@@ -290,7 +343,14 @@ def train(
                 emit(train_event(outcome, state, backend, elapsed, step_seconds, batches_per_epoch))
             if data.eval and ((tc.eval_every and state.step % tc.eval_every == 0) or last):
                 metrics, margins = evaluate_split(
-                    backend, objective, data.eval, data.eval_reference, config, data.pad_id, data.pad_to_multiple_of
+                    backend,
+                    objective,
+                    data.eval,
+                    data.eval_reference,
+                    config,
+                    data.pad_id,
+                    data.pad_to_multiple_of,
+                    collective,
                 )
                 emit(
                     {
@@ -301,10 +361,13 @@ def train(
                         "eval_pairs": len(data.eval),
                     }
                 )
-            save_now = control.take_save_request()
-            if (tc.save_every and state.step % tc.save_every == 0) or last or control.stop_requested or save_now:
+            save_now = collective.any(control.take_save_request() or control.stop_requested)
+            if (tc.save_every and state.step % tc.save_every == 0) or last or save_now:
+                rng = gather_rng_states(backend, collective)  # every rank's dropout stream, for an exact resume
+                if not collective.is_main:
+                    continue
                 state.metrics_offset = metrics_offset()
-                path = save_checkpoint(run_dir, backend, state, tc.keep_checkpoints)
+                path = save_checkpoint(run_dir, backend, state, tc.keep_checkpoints, rng)
                 emit(
                     {
                         "type": "checkpoint",

@@ -25,7 +25,7 @@ from backends.mlx_backend.ops import MlxOps
 from core.adapters import MLX_WEIGHTS, Adapter, AdapterError, mlx_tensors, read_adapter, write_mlx
 from core.batching import Batch
 from core.config import LoraConfig
-from core.models_io import ModelError, load_tokenizer, resolve_model_path
+from core.models_io import ModelError, check_model_folder, load_tokenizer, resolve_model_path
 from core.objectives import Objective, PolicyOutputs, evaluate
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -63,6 +63,7 @@ class MlxBackend(Backend):
         from mlx_lm import load
 
         location = resolve_model_path(path)
+        check_model_folder(location, path)
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         try:
             model, _ = load(location, tokenizer_config={"trust_remote_code": trust_remote_code})
@@ -255,7 +256,13 @@ class MlxBackend(Backend):
         return outputs, names
 
     def forward_backward(
-        self, batch: Batch, objective: Objective, reference: np.ndarray | None, nll_weight: float, scale: float
+        self,
+        batch: Batch,
+        objective: Objective,
+        reference: np.ndarray | None,
+        nll_weight: float,
+        scale: float,
+        sync: bool = True,  # one process: nothing to synchronize
     ) -> StepResult:
         self.model.train()
         mx.random.seed(self._base_seed * 1_000_003 + self._micro_batches)

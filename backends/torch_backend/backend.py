@@ -19,8 +19,9 @@ from backends.torch_backend.kernel import logit_transform, masked_sequence_logps
 from backends.torch_backend.ops import TorchOps
 from core.batching import Batch
 from core.config import LoraConfig
+from core.distributed import SINGLE, Collective
 from core.errors import DuetError
-from core.models_io import ModelError, load_tokenizer, resolve_model_path
+from core.models_io import ModelError, check_model_folder, load_tokenizer, resolve_model_path
 from core.objectives import Objective, PolicyOutputs, evaluate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,6 +91,27 @@ def out_of_memory_advice(what: str, batch: Batch | None = None):
         ) from None
 
 
+class ResponseLogProbs(torch.nn.Module):
+    """The masked log-prob kernel as a module: what DistributedDataParallel wraps under torchrun."""
+
+    def __init__(self, causal_lm: torch.nn.Module, chunk_size: int, transform: Any) -> None:
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.chunk_size = chunk_size
+        self.transform = transform
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        return masked_sequence_logps(
+            self.causal_lm.get_decoder(),
+            self.causal_lm.get_output_embeddings(),
+            input_ids,
+            attention_mask,
+            loss_mask,
+            self.chunk_size,
+            self.transform,
+        )
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -100,7 +122,11 @@ class TorchBackend(Backend):
         gradient_checkpointing: bool = False,
         chunk_size: int = 1024,
         naive_logits: bool = False,
+        collective: Collective = SINGLE,
     ) -> None:
+        self.collective = collective
+        self._ddp: Any = None
+        self._logps_module: Any = None
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.gradient_checkpointing = gradient_checkpointing
@@ -125,10 +151,11 @@ class TorchBackend(Backend):
         # PEFT still asks for a transformers attribute that now warns on every call; the warning is not ours
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         location = resolve_model_path(path)
+        check_model_folder(location, path)
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                location, dtype=self.dtype, trust_remote_code=trust_remote_code
+                location, dtype=self.dtype, trust_remote_code=trust_remote_code, use_safetensors=True
             )
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(
@@ -157,6 +184,11 @@ class TorchBackend(Backend):
         from peft import PeftModel, get_peft_model
 
         if adapter_path is not None:
+            if not (Path(adapter_path) / "adapter_model.safetensors").is_file():
+                raise BackendError(
+                    f"model.adapter {adapter_path}: no adapter_model.safetensors there (pickled "
+                    "adapter_model.bin files are refused; PEFT saves safetensors by default)."
+                )
             try:
                 self.model = PeftModel.from_pretrained(self.model, adapter_path, is_trainable=True)
             except (ValueError, OSError, KeyError, RuntimeError) as exc:
@@ -187,6 +219,21 @@ class TorchBackend(Backend):
         for parameter in self.model.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()  # fp32 master weights for the adapter
+        causal_lm = self._causal_lm()
+        self._logps_module = ResponseLogProbs(causal_lm, self.chunk_size, self._transform)
+        if self.collective.enabled:
+            self._wrap_ddp()
+
+    def _wrap_ddp(self) -> None:
+        """DistributedDataParallel over the log-prob module, syncing the LoRA weights only: the frozen base is
+        identical on every rank (each loaded it), so neither broadcast nor hooked."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        frozen = [name for name, p in self._logps_module.named_parameters() if not p.requires_grad]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self._logps_module, frozen)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # buffers (rotary frequencies) are the same on every rank: no need to sync them each forward
+        self._ddp = DistributedDataParallel(self._logps_module, device_ids=device_ids, forward_sync_buffers=False)
 
     def _parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -211,21 +258,14 @@ class TorchBackend(Backend):
     def _causal_lm(self):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def _row_logps(self, batch: Batch) -> torch.Tensor:
-        causal_lm = self._causal_lm()
+    def _row_logps(self, batch: Batch, *, train: bool = False) -> torch.Tensor:
         input_ids, attention_mask, loss_mask = self._tensors(batch)
         with self._autocast():
             if self.naive_logits:
                 return naive_sequence_logps(self.model, input_ids, attention_mask, loss_mask)
-            return masked_sequence_logps(
-                causal_lm.get_decoder(),
-                causal_lm.get_output_embeddings(),
-                input_ids,
-                attention_mask,
-                loss_mask,
-                self.chunk_size,
-                self._transform,
-            )
+            # training steps under torchrun go through DDP, which averages the LoRA gradients across ranks
+            module = self._ddp if train and self._ddp is not None else self._logps_module
+            return module(input_ids, attention_mask, loss_mask)
 
     def _adapter_disabled(self, adapter: bool):
         if adapter or not hasattr(self.model, "disable_adapter"):
@@ -261,11 +301,19 @@ class TorchBackend(Backend):
         return StepResult(metrics, margins, batch.num_pairs, batch.num_tokens)
 
     def forward_backward(
-        self, batch: Batch, objective: Objective, reference: np.ndarray | None, nll_weight: float, scale: float
+        self,
+        batch: Batch,
+        objective: Objective,
+        reference: np.ndarray | None,
+        nll_weight: float,
+        scale: float,
+        sync: bool = True,
     ) -> StepResult:
         self.model.train()
-        with out_of_memory_advice("the training step", batch):
-            result = self._objective(batch, self._row_logps(batch), objective, reference, nll_weight)
+        # under torchrun, gradients are exchanged once per optimizer step: on its last micro-batch only
+        no_sync = self._ddp.no_sync() if self._ddp is not None and not sync else contextlib.nullcontext()
+        with out_of_memory_advice("the training step", batch), no_sync:
+            result = self._objective(batch, self._row_logps(batch, train=True), objective, reference, nll_weight)
             loss = result.loss * scale
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return self._step_result(batch, result)

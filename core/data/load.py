@@ -27,6 +27,8 @@ class LoadReport:
     skipped: Counter[str] = field(default_factory=Counter)  # reason kind → count
     skipped_examples: list[str] = field(default_factory=list)
     duplicates: int = 0
+    duplicate_examples: list[str] = field(default_factory=list)  # "file:12 repeats file:3"
+    duplicates_dropped: bool = False
     ties: int = 0
     multi_turn: int = 0
     with_system: int = 0
@@ -39,7 +41,8 @@ class LoadReport:
         lines = [f"{display_path(self.source)}: format {self.format}, {self.rows} rows → {self.pairs} pairs"]
         details = [f"{self.multi_turn} multi-turn", f"{self.with_system} with a system message"]
         if self.duplicates:
-            details.append(f"{self.duplicates} duplicated pairs")
+            dropped = ", dropped" if self.duplicates_dropped else ""
+            details.append(f"{self.duplicates} duplicated pairs{dropped} (e.g. {self.duplicate_examples[0]})")
         if self.ties:
             details.append(f"{self.ties} with equal scores")
         lines.append("  " + ", ".join(details))
@@ -68,6 +71,7 @@ def load_preferences(
     columns: Mapping[str, str] | None = None,
     split: str = "train",
     skip_invalid: bool = False,
+    drop_duplicates: bool = False,
 ) -> tuple[list[PreferencePair], LoadReport]:
     """Read ``source`` and normalize every row.
 
@@ -85,7 +89,8 @@ def load_preferences(
     report.format = fmt.name
 
     pairs: list[PreferencePair] = []
-    seen: set[PreferencePair] = set()
+    seen: dict[PreferencePair, PreferencePair] = {}
+    report.duplicates_dropped = drop_duplicates
     for raw in raw_rows:
         try:
             pair = _normalize(raw, fmt, rename, columns or {})
@@ -99,10 +104,15 @@ def load_preferences(
             if len(report.skipped_examples) < MAX_EXAMPLES:
                 report.skipped_examples.append(message)
             continue
-        pairs.append(pair)
         if pair in seen:
             report.duplicates += 1
-        seen.add(pair)
+            if len(report.duplicate_examples) < MAX_EXAMPLES:
+                report.duplicate_examples.append(f"{raw.location} repeats {seen[pair].location}")
+            if drop_duplicates:
+                continue
+        else:
+            seen[pair] = pair
+        pairs.append(pair)
         report.multi_turn += pair.num_user_turns > 1
         report.with_system += pair.system is not None
         report.ties += pair.score_chosen is not None and pair.score_chosen == pair.score_rejected

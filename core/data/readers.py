@@ -22,6 +22,9 @@ from core.data.records import Location
 from core.errors import DataError
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+# A row longer than this is a corrupt file or a whole document, not a preference pair: every model's context
+# ends long before it, and tokenizing it only to cut it would take minutes.
+MAX_ROW_BYTES = 16 * 1024 * 1024
 DATASET_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".arrow", ".csv")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -105,6 +108,9 @@ def _json_lines(data: bytes, name: str) -> Iterator[RawRow]:
         if not raw.strip():
             continue
         location = Location(name, line=number)
+        if len(raw) > MAX_ROW_BYTES:
+            yield RawRow(location, error=_too_long(len(raw)))
+            continue
         try:
             text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
         except UnicodeDecodeError as exc:
@@ -119,6 +125,13 @@ def _json_lines(data: bytes, name: str) -> Iterator[RawRow]:
             yield RawRow(location, data=json.loads(text))
         except json.JSONDecodeError as exc:
             yield RawRow(location, error=f"invalid JSON: {exc.msg} at column {exc.colno}")
+
+
+def _too_long(size: int) -> str:
+    return (
+        f"the row is {size / 2**20:.1f} MB long; Duet reads rows up to {MAX_ROW_BYTES // 2**20} MB (far beyond "
+        "any model's context): is the file corrupt, or a document rather than preference pairs?"
+    )
 
 
 def _json_document(data: bytes, name: str) -> Iterator[RawRow]:
@@ -179,7 +192,11 @@ def _json_array(text: str, start: int, name: str) -> Iterator[RawRow]:
             value, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as exc:
             raise DataError(f"{name}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}.") from exc
-        yield RawRow(Location(name, line=line_at(value_start)), data=value)
+        location = Location(name, line=line_at(value_start))
+        if position - value_start > MAX_ROW_BYTES:  # characters, near enough to bytes for this bound
+            yield RawRow(location, error=_too_long(position - value_start))
+        else:
+            yield RawRow(location, data=value)
         position = _skip_whitespace(text, position)
         if position >= len(text):
             raise DataError(f"{name}:{line_at(len(text))}: invalid JSON: the array is not closed with ']'.")

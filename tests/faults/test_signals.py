@@ -1,0 +1,75 @@
+"""Graceful stops: SIGINT and SIGTERM save a checkpoint and exit 0 saying how to resume; a second Ctrl-C
+quits at once, and what was written stays intact and resumable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.metrics import read_metrics
+from tests.faults.support import ROOT, assert_intact, duet, run_dir, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def start(config: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("DUET_FAULT", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "core.run", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_training(folder: Path, process: subprocess.Popen, steps: int = 2) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        events = read_metrics(run_dir(folder) / "metrics.jsonl") if run_dir(folder).exists() else []
+        if sum(e["type"] == "train" for e in events) >= steps:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    raise AssertionError("the run never started training")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_checkpoint_and_exits_0(tmp_path: Path, sig: signal.Signals) -> None:
+    config = write_config(tmp_path, max_steps=100000, save_every=None)
+    process = start(config)
+    wait_for_training(tmp_path, process)
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err[-2000:]
+    assert f"received {sig.name}" in out and "resume with: python -m core.run --resume" in out
+    checkpoints = list((run_dir(tmp_path) / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1  # save_every is off: this checkpoint is the signal's
+    assert_intact(tmp_path)
+    resumed = duet("--resume", str(run_dir(tmp_path)), f"train.max_steps={int(checkpoints[0].name[5:]) + 2}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_a_second_ctrl_c_quits_at_once_without_corrupting_anything(tmp_path: Path) -> None:
+    config = write_config(tmp_path, max_steps=100000, save_every=2)
+    process = start(config)
+    wait_for_training(tmp_path, process, steps=3)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, (out[-1000:], err[-2000:])
+    assert "interrupted at once; the newest checkpoint is intact" in err and "Traceback" not in err
+    assert_intact(tmp_path)
+    newest = max(int(p.name[5:]) for p in (run_dir(tmp_path) / "checkpoints").glob("step-*"))
+    resumed = duet("--resume", str(run_dir(tmp_path)), f"train.max_steps={newest + 2}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_intact(tmp_path)
