@@ -169,6 +169,19 @@ class Backend(ABC):
         return {"peak_rss": peak_rss_bytes()}
 
 
+CHUNK_LOGITS = 1 << 25  # logits one kernel chunk may hold: [positions, vocab], 128 MiB in float32
+
+
+def chunk_positions(setting: int | str, vocab_size: int) -> int:
+    """Reply positions per LM-head chunk: the configured number, or for "auto" the largest power of two
+    whose ``[positions, vocab]`` logits stay within `CHUNK_LOGITS` (between 32 and 4096). Larger chunks
+    save little time once the head's matrix product is big enough to run at full speed, and cost memory."""
+    if setting != "auto":
+        return int(setting)
+    fit = max(1, CHUNK_LOGITS // max(1, vocab_size))
+    return min(4096, max(32, 1 << (fit.bit_length() - 1)))
+
+
 def peak_rss_bytes() -> float:
     """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
     import resource
@@ -209,6 +222,7 @@ def create_backend(config: Config, collective: Collective = SINGLE, device: str 
             dtype=config.model.dtype,
             gradient_checkpointing=config.model.gradient_checkpointing,
             chunk_size=config.model.logprob_chunk_size,
+            share_prompts=config.model.share_prompts,
         )
     elif name == "mlx":
         try:

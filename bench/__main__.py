@@ -1,22 +1,33 @@
-"""`duet bench` / `python -m bench`: run each variant in its own process, alternating, and print a table."""
+"""`duet bench` / `python -m bench`: each variant in its own process, alternating, then one table.
+
+    duet bench --workload qwen-small --variants duet-torch,trl,trl-precompute --steps 16
+
+Variants: duet-torch (add -gc for gradient checkpointing, -unshared to compute each prompt twice, -naive
+for full logits), duet-mlx, trl (TRL's DPOTrainer with a PEFT LoRA config, its defaults), trl-precompute
+(precompute_ref_log_probs=True), trl-liger (CUDA). TRL comes with the `bench` extra.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 
 from rich.console import Console
 from rich.table import Table
 
+from bench.worker import chunk_setting
 from bench.workloads import WORKLOADS
 
 GIB = 1024**3
 
 
-def measure(workload: str, variant: str, steps: int, device: str, dtype: str) -> dict:
+def measure(
+    workload: str, variant: str, steps: int, device: str, dtype: str, chunk: int | str, pairs: int | None
+) -> dict:
     command = [
         sys.executable,
         "-m",
@@ -31,7 +42,11 @@ def measure(workload: str, variant: str, steps: int, device: str, dtype: str) ->
         device,
         "--dtype",
         dtype,
+        "--chunk",
+        str(chunk),
     ]
+    if pairs:
+        command += ["--pairs", str(pairs)]
     result = subprocess.run(command, capture_output=True, text=True)
     for line in result.stdout.splitlines():
         if line.startswith("BENCH "):
@@ -40,66 +55,124 @@ def measure(workload: str, variant: str, steps: int, device: str, dtype: str) ->
     return {"variant": variant, "error": f"exit {result.returncode}: {tail[0]}"}
 
 
+def merge(rows: list[dict]) -> list[dict]:
+    """One row per variant: medians over the repeated runs."""
+    merged: dict[str, dict] = {}
+    for row in rows:
+        if "error" in row:
+            merged.setdefault(row["variant"], row)
+            continue
+        merged.setdefault(row["variant"], {**row, "runs": []})["runs"].append(row)
+    for row in merged.values():
+        runs = row.pop("runs", None)
+        if runs:
+            for key in (
+                "seconds_per_step",
+                "total_seconds",
+                "reference_seconds",
+                "pairs_per_second",
+                "peak_resident",
+                "peak_device",
+            ):
+                values = [r[key] for r in runs if r.get(key) is not None]
+                if values:
+                    row[key] = statistics.median(values)
+            row["repeats"] = len(runs)
+    return list(merged.values())
+
+
+def peak(row: dict) -> float:
+    return row.get("peak_device") or row["peak_resident"]
+
+
 def table(workload: str, rows: list[dict]) -> Table:
     view = Table(title=f"{workload}: {WORKLOADS[workload].description}", title_justify="left")
-    for column in (
-        "variant",
-        "device",
-        "s/step (median)",
-        "tokens/s",
-        "pairs/s",
-        "peak memory",
-        "Δ over model",
-        "first loss",
-        "reference pass",
-    ):
-        view.add_column(column, justify="right" if column != "variant" else "left")
+    steps = max((len(r["losses"]) for r in rows if "error" not in r), default=0)
+    loss_steps = sorted({1, 2, steps} & set(range(1, steps + 1)))  # the first two and the last, once each
+    columns = ["variant", "device", "s/step (median)", "total s (prep+ref+steps)", "reference s", "pairs/s"]
+    columns += ["peak memory"] + [f"loss {step}" for step in loss_steps]
+    for column in columns:
+        view.add_column(column, justify="left" if column == "variant" else "right")
     for row in rows:
         if "error" in row:
             view.add_row(row["variant"], "", row["error"])
             continue
-        peak = row.get("peak_device", row["peak_resident"])
-        delta = "" if "peak_device" in row else f"{(row['peak_resident'] - row['resident_before_steps']) / GIB:.2f} GiB"
+        losses = row["losses"]
         view.add_row(
             row["variant"],
             row["device"],
-            f"{row['seconds_per_step']:.3f}",
-            f"{row['tokens_per_second']:.0f}",
-            f"{row['pairs_per_second']:.2f}",
-            f"{peak / GIB:.2f} GiB",
-            delta,
-            f"{row['first_loss']:.5f}",
-            f"{row['reference_seconds']:.1f} s",
+            f"{row['seconds_per_step']:.2f}",
+            f"{row['total_seconds']:.1f}",
+            f"{row['reference_seconds']:.1f}",
+            f"{row['pairs_per_second']:.3f}",
+            f"{peak(row) / GIB:.2f} GiB",
+            *(f"{losses[step - 1]:.5f}" if step <= len(losses) else "-" for step in loss_steps),
         )
     return view
 
 
+def comparisons(rows: list[dict]) -> list[str]:
+    """Duet against each TRL variant: ratios from this run, and how closely the losses agree."""
+    good = {r["variant"]: r for r in rows if "error" not in r}
+    lines = []
+    for duet in (v for v in good if v.startswith("duet")):
+        for peer in (v for v in good if v.startswith("trl")):
+            d, t = good[duet], good[peer]
+            lines.append(
+                f"{duet} / {peer}: time per step {d['seconds_per_step'] / t['seconds_per_step']:.3f}, "
+                f"total wall time {d['total_seconds'] / t['total_seconds']:.3f}, "
+                f"pairs/s {d['pairs_per_second'] / t['pairs_per_second']:.2f}×, "
+                f"peak memory {peak(d) / peak(t):.3f}"
+            )
+            steps = min(len(d["losses"]), len(t["losses"]))
+            gaps = [abs(a - b) for a, b in zip(d["losses"][:steps], t["losses"][:steps], strict=True)]
+            if gaps:
+                lines.append(
+                    f"    loss agreement: step 1 |Δ| {gaps[0]:.2e}"
+                    + (f", step 2 |Δ| {gaps[1]:.2e}" if steps > 1 else "")
+                    + f", largest over {steps} steps {max(gaps):.2e}"
+                )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="duet bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="duet bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="qwen-small")
-    parser.add_argument("--variants", default="torch-chunked,torch-naive")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
+    parser.add_argument("--variants", default="duet-torch,trl,trl-precompute")
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run (the first is a warm-up)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating rounds over the variants")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--chunk", type=chunk_setting, default="auto", help="Duet's model.logprob_chunk_size (a number or auto)"
+    )
+    parser.add_argument("--pairs", type=int, help="use only the first N pairs of the workload (slow backends)")
     parser.add_argument("--json", help="also write every measurement to this file")
     args = parser.parse_args(argv)
     console = Console()
     if not console.is_terminal:  # a log file: wide enough for the table
-        console = Console(width=200)
+        console = Console(width=220)
     console.print(
         f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python "
-        f"{platform.python_version()}"
+        f"{platform.python_version()}; workload {args.workload}, {args.steps} steps, "
+        f"{args.repeats} round(s)",
+        highlight=False,
     )
     rows = []
     for _ in range(args.repeats):
         for variant in args.variants.split(","):
-            rows.append(measure(args.workload, variant, args.steps, args.device, args.dtype))
-            console.print(f"  measured {variant}: {rows[-1].get('seconds_per_step', rows[-1].get('error'))}")
-    console.print(table(args.workload, rows))
+            rows.append(measure(args.workload, variant, args.steps, args.device, args.dtype, args.chunk, args.pairs))
+            shown = rows[-1].get("error") or f"{rows[-1]['seconds_per_step']:.2f} s/step"
+            console.print(f"  measured {variant}: {shown}", highlight=False)
+    merged = merge(rows)
+    console.print(table(args.workload, merged))
+    for line in comparisons(merged):
+        console.print(line, highlight=False)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"workload": args.workload, "rows": rows}, handle, indent=2)
+            json.dump({"workload": args.workload, "steps": args.steps, "rows": rows}, handle, indent=2)
     return 0
 
 

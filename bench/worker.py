@@ -1,7 +1,15 @@
-"""One benchmark measurement in a fresh process (so peak memory is this variant's alone); prints JSON.
+"""One benchmark measurement in a fresh process (so its peak memory is its own); prints one JSON line.
 
-Every variant loads the same weights: a workload's random-init model is built once (seed 0) and saved
-under the cache, so torch and MLX start from identical parameters and their first losses compare.
+Every variant loads the same weights (a workload's random-init model is built once, seed 0, and saved),
+reads the same pairs in the same order (the first N of the data, consecutive batches: TRL is told to use a
+sequential sampler), starts from the same LoRA weights (A drawn from a seed per module name, B zero),
+and steps AdamW with a linear schedule and no warm-up (TRL's defaults). So the losses of every step
+compare across Duet's backends and TRL, and the timings measure the same work.
+
+Timing: ``total_seconds`` runs from the start of data preparation (after the model is loaded) to the end
+of the last step, so it holds tokenization and all reference work; ``seconds_per_step`` is the median
+step after the first. Peak memory: the process's resident high-water mark, reset once the model is
+loaded (Linux), so it covers data, reference and training; on CUDA, the device's peak allocation.
 """
 
 from __future__ import annotations
@@ -10,14 +18,27 @@ import argparse
 import json
 import statistics
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from bench import memory
 from bench.workloads import WORKLOADS, Workload
 
-# torch-<kernel>[-gc]: the chunked response-only kernel or full logits, with or without gradient checkpointing;
-# mlx: the MLX backend (its chunked kernel, compiled step)
-VARIANTS = ["torch-chunked", "torch-naive", "torch-chunked-gc", "torch-naive-gc", "mlx", "mlx-gc"]
+# duet-torch[-gc|-naive|-unshared] | duet-mlx[-gc] | trl | trl-precompute
+VARIANTS = [
+    "duet-torch",
+    "duet-torch-gc",
+    "duet-torch-naive",
+    "duet-torch-unshared",
+    "duet-mlx",
+    "duet-mlx-gc",
+    "trl",
+    "trl-precompute",
+]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def model_folder(workload: Workload) -> Path:
@@ -58,133 +79,326 @@ def model_folder(workload: Workload) -> Path:
     return folder
 
 
-def prepare(workload: Workload, tokenizer):
+PAIRS: int | None = None  # --pairs: fewer pairs than the workload's (slow backends)
+
+
+def workload_pairs(workload: Workload):
     from core.data import load_preferences
-    from core.tokenization import ChatTokenizer, tokenize_pairs
 
     pairs, _ = load_preferences(workload.data)
-    chat = ChatTokenizer(tokenizer)
-    tokenized, _ = tokenize_pairs(
-        pairs[: workload.pairs], chat, max_length=workload.max_length, max_prompt_length=workload.max_prompt_length
-    )
-    return chat, tokenized
+    return pairs[: PAIRS or workload.pairs]
+
+
+def lora_start(module: str, kind: str, shape: tuple[int, int]) -> np.ndarray:
+    """The starting value of one LoRA matrix in PEFT's layout (A [r, in], B [out, r]), the same in every
+    process and library: A uniform in ±1/√in from a seed derived from the module's name, B zero."""
+    if kind == "B":
+        return np.zeros(shape, np.float32)
+    bound = 1.0 / np.sqrt(shape[1])
+    return np.random.default_rng(zlib.crc32(module.encode())).uniform(-bound, bound, size=shape).astype(np.float32)
+
+
+def _module(name: str) -> tuple[str, str]:
+    """(the module a LoRA parameter belongs to, as named inside the base model; "A" or "B")."""
+    name = name.removeprefix("base_model.model.")
+    for suffix, kind in (
+        (".lora_A.default.weight", "A"),
+        (".lora_B.default.weight", "B"),
+        (".lora_A.weight", "A"),
+        (".lora_B.weight", "B"),
+        (".lora_a", "A"),
+        (".lora_b", "B"),
+    ):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], kind
+    raise ValueError(f"not a LoRA parameter: {name}")
+
+
+def set_lora_start_torch(model) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                module, kind = _module(name)
+                parameter.copy_(torch.from_numpy(lora_start(module, kind, tuple(parameter.shape))))
+
+
+def set_lora_start_mlx(model) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    updates = []
+    for name, value in tree_flatten(model.trainable_parameters()):
+        module, kind = _module(name)  # mlx-lm's a is Aᵀ, b is Bᵀ
+        updates.append((name, mx.array(lora_start(module, kind, tuple(reversed(value.shape))).T)))
+    model.load_weights(updates, strict=False)
 
 
 def make_backend(variant: str, device: str, dtype: str):
-    checkpointing = variant.endswith("-gc")
-    if variant.startswith("mlx"):
+    checkpointing = "-gc" in variant
+    if variant.startswith("duet-mlx"):
         from backends.mlx_backend.backend import MlxBackend
 
-        return MlxBackend(dtype="float32" if dtype == "auto" else dtype, gradient_checkpointing=checkpointing)
+        return MlxBackend(
+            dtype="float32" if dtype == "auto" else dtype, gradient_checkpointing=checkpointing, chunk_size=CHUNK
+        )
     from backends.torch_backend.backend import TorchBackend
 
     return TorchBackend(
-        device=device, dtype=dtype, naive_logits=variant.startswith("torch-naive"), gradient_checkpointing=checkpointing
+        device=device,
+        dtype=dtype,
+        naive_logits=variant.endswith("-naive"),
+        gradient_checkpointing=checkpointing,
+        share_prompts=not variant.endswith("-unshared") and "auto",
+        chunk_size=CHUNK,
     )
+
+
+CHUNK: int | str = "auto"  # reply positions per LM-head chunk (`model.logprob_chunk_size`); --chunk changes it
+
+
+def chunk_setting(text: str) -> int | str:
+    """--chunk: "auto" (Duet's default) or a positive number of positions."""
+    if text == "auto":
+        return text
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("--chunk must be positive or auto")
+    return value
 
 
 class DeviceClock:
     """Synchronizes and measures the accelerator where there is one (CUDA), so timings are real."""
 
-    def __init__(self, backend) -> None:
-        self.cuda = getattr(getattr(backend, "device", None), "type", None) == "cuda"
-        self.mlx = backend.name == "mlx"
+    def __init__(self, kind: str) -> None:
+        self.kind = kind  # "cuda", "mlx" or "cpu"
 
     def reset_peak(self) -> None:
-        if self.cuda:
+        memory.reset_peak()
+        if self.kind == "cuda":
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-        if self.mlx:
+        elif self.kind == "mlx":
             import mlx.core as mx
 
             mx.reset_peak_memory()
 
     def synchronize(self) -> None:
-        if self.cuda:
+        if self.kind == "cuda":
             import torch
 
             torch.cuda.synchronize()
 
-    def peak(self) -> dict:
-        if self.cuda:
+    def figures(self) -> dict:
+        figures = {"peak_resident": memory.peak_bytes()}
+        if self.kind == "cuda":
             import torch
 
-            return {"peak_device": float(torch.cuda.max_memory_allocated()), "gpu": torch.cuda.get_device_name()}
-        if self.mlx:
+            figures.update(peak_device=float(torch.cuda.max_memory_allocated()), gpu=torch.cuda.get_device_name())
+        elif self.kind == "mlx":
             import mlx.core as mx
 
-            return {"peak_mlx": float(mx.get_peak_memory())}
-        return {}
+            figures["peak_mlx"] = float(mx.get_peak_memory())
+        return figures
 
 
-def measure(workload: Workload, variant: str, steps: int, device: str, dtype: str, seed: int = 0) -> dict:
-    from core.batching import collate, plan_batches
-    from core.config import LoraConfig
-    from core.objectives import DPO
-    from core.reference import compute_reference
+@dataclass
+class Timings:
+    """What one run measured: each step's seconds, tokens and loss, the whole run and its reference pass."""
 
-    backend = make_backend(variant, device, dtype)
-    backend.load_model(str(model_folder(workload)))
-    backend.seed(seed)
-    backend.attach_lora(LoraConfig(rank=workload.lora_rank, alpha=workload.lora_alpha))
-    backend.setup_optimizer(weight_decay=0.0)
-    chat, tokenized = prepare(workload, backend.tokenizer)
-    pad = getattr(backend, "pad_to_multiple_of", 1)
-    plan = plan_batches([p.length for p in tokenized], workload.batch_pairs, seed=seed)[: steps + 1]
-    used = [tokenized[i] for batch in plan for i in batch]
-    started = time.perf_counter()
-    reference = compute_reference(
-        backend, used, batch_size=workload.batch_pairs, pad_id=chat.pad_id, adapter=False, pad_to_multiple_of=pad
-    )
-    reference_seconds = time.perf_counter() - started
-    objective = DPO(workload.beta)
-    clock = DeviceClock(backend)
-    resident_before = memory.current_bytes()
-    exact_peak = memory.reset_peak()
-    clock.reset_peak()
-    seconds, tokens, losses = [], [], []
-    for index, rows in enumerate(plan):
-        batch = collate([tokenized[i] for i in rows], chat.pad_id, pad)
-        clock.synchronize()
-        started = time.perf_counter()
-        result = backend.forward_backward(batch, objective, reference.for_batch(batch.pair_indices), 0.0, 1.0)
-        backend.apply_gradients(workload.lr, 1.0)
-        clock.synchronize()
-        if index > 0:  # the first step warms up allocators, kernels and compilation
-            seconds.append(time.perf_counter() - started)
-            tokens.append(batch.num_tokens)
-        losses.append(result.metrics["loss"])
-    info = backend.info()
+    seconds: list[float]
+    tokens: list[int]
+    losses: list[float]
+    total: float
+    reference: float
+
+
+def summary(
+    variant: str, device: str, dtype: str, timings: Timings, workload: Workload, clock: DeviceClock, before: float
+) -> dict:
+    seconds, tokens = timings.seconds, timings.tokens
+    timed = seconds[1:] or seconds  # the first step warms up allocators, kernels and compilation
     return {
         "variant": variant,
-        "device": info.device,
-        "dtype": info.dtype,
+        "device": device,
+        "dtype": dtype,
         "steps": len(seconds),
-        "seconds_per_step": statistics.median(seconds),
-        "tokens_per_second": sum(tokens) / sum(seconds),
-        "pairs_per_second": workload.batch_pairs / statistics.median(seconds),
-        "reference_seconds": reference_seconds,
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
-        "resident_before_steps": resident_before,
-        "peak_resident": memory.peak_bytes(),
-        "peak_is_steps_only": exact_peak,
-        "trainable_parameters": backend.trainable_parameters(),
-        "total_parameters": backend.total_parameters(),
-        **clock.peak(),
+        "seconds_per_step": statistics.median(timed),
+        "tokens_per_second": sum(tokens[1:] or tokens) / sum(timed),
+        "pairs_per_second": workload.batch_pairs * len(seconds) / timings.total,
+        "total_seconds": timings.total,
+        "reference_seconds": timings.reference,
+        "losses": timings.losses,
+        "resident_before": before,
+        **clock.figures(),
     }
 
 
+def measure_duet(workload: Workload, variant: str, steps: int, device: str, dtype: str) -> dict:
+    from core.batching import collate
+    from core.config import LoraConfig
+    from core.objectives import DPO
+    from core.reference import compute_reference
+    from core.schedule import learning_rate
+    from core.tokenization import ChatTokenizer, tokenize_pairs
+
+    backend = make_backend(variant, device, dtype)
+    backend.load_model(str(model_folder(workload)))
+    backend.seed(0)
+    backend.attach_lora(LoraConfig(rank=workload.lora_rank, alpha=workload.lora_alpha, target_modules=TARGETS))
+    if backend.name == "mlx":
+        set_lora_start_mlx(backend.model)
+    else:
+        set_lora_start_torch(backend.model)
+    backend.setup_optimizer(weight_decay=0.0)
+    kind = "mlx" if backend.name == "mlx" else backend.device.type
+    clock = DeviceClock(kind)
+    resident_before = memory.current_bytes()
+    clock.reset_peak()
+    started = time.perf_counter()
+    chat = ChatTokenizer(backend.tokenizer)
+    tokenized, _ = tokenize_pairs(
+        workload_pairs(workload), chat, max_length=workload.max_length, max_prompt_length=workload.max_prompt_length
+    )
+    pad = getattr(backend, "pad_to_multiple_of", 1)
+    batches = [tokenized[i : i + workload.batch_pairs] for i in range(0, len(tokenized), workload.batch_pairs)]
+    batches = [batches[i % len(batches)] for i in range(steps)]
+    reference_started = time.perf_counter()
+    # as a run does: the reference pass takes twice the training batch (no gradients, so it fits)
+    reference = compute_reference(
+        backend,
+        tokenized,
+        batch_size=2 * workload.batch_pairs,
+        pad_id=chat.pad_id,
+        adapter=False,
+        pad_to_multiple_of=pad,
+    )
+    reference_seconds = time.perf_counter() - reference_started
+    objective = DPO(workload.beta)
+    seconds, tokens, losses = [], [], []
+    for step, pairs in enumerate(batches):
+        batch = collate(pairs, chat.pad_id, pad)
+        clock.synchronize()
+        step_started = time.perf_counter()
+        result = backend.forward_backward(batch, objective, reference.for_batch(batch.pair_indices), 0.0, 1.0)
+        backend.apply_gradients(learning_rate(step, total_steps=steps, peak=workload.lr, warmup=0, kind="linear"), 1.0)
+        clock.synchronize()
+        seconds.append(time.perf_counter() - step_started)
+        tokens.append(batch.num_tokens)
+        losses.append(result.metrics["loss"])
+    total = time.perf_counter() - started
+    info = backend.info()
+    timings = Timings(seconds, tokens, losses, total, reference_seconds)
+    return summary(variant, info.device, info.dtype, timings, workload, clock, resident_before)
+
+
+def measure_trl(workload: Workload, variant: str, steps: int, device: str, dtype: str) -> dict:
+    import os
+    import tempfile
+
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    folder = model_folder(workload)
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    bf16 = cuda and dtype in ("auto", "bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if bf16 else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = [
+        {
+            "prompt": p.conversation(),
+            "chosen": [{"role": "assistant", "content": p.chosen}],
+            "rejected": [{"role": "assistant", "content": p.rejected}],
+        }
+        for p in workload_pairs(workload)
+    ]
+    clock = DeviceClock("cuda" if cuda else "cpu")
+    step_times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock.synchronize()
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.synchronize()
+            step_times.append(time.perf_counter() - self.started)
+
+    resident_before = memory.current_bytes()
+    clock.reset_peak()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        # the workload's settings, TRL's defaults otherwise (its gradient checkpointing included); only the
+        # sampler is sequential (for the same data as Duet), and fp32 unless the GPU takes bf16
+        args = DPOConfig(
+            output_dir=out,
+            use_cpu=not cuda,
+            bf16=bf16,
+            fp16=False,
+            per_device_train_batch_size=workload.batch_pairs,
+            max_steps=steps,
+            learning_rate=workload.lr,
+            beta=workload.beta,
+            max_length=workload.max_length,
+            train_sampling_strategy="sequential",
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            precompute_ref_log_probs=variant == "trl-precompute",
+            seed=0,
+            use_liger_kernel=variant == "trl-liger",
+        )
+        lora = LoraConfig(
+            r=workload.lora_rank,
+            lora_alpha=workload.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=TARGETS,
+            task_type="CAUSAL_LM",
+        )
+        prepare_started = time.perf_counter()
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[StepTimer()],
+        )
+        reference_seconds = time.perf_counter() - prepare_started if variant == "trl-precompute" else 0.0
+        set_lora_start_torch(trainer.model)
+        trainer.train()
+    total = time.perf_counter() - started
+    history = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    losses = [float(h["loss"]) for h in history]
+    place, precision = ("cuda" if cuda else "cpu"), ("bfloat16" if bf16 else "float32")
+    timings = Timings(step_times, [0] * len(step_times), losses, total, reference_seconds)
+    figures = summary(variant, place, precision, timings, workload, clock, resident_before)
+    figures["tokens_per_second"] = None
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
+    global CHUNK, PAIRS
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
-    parser.add_argument("--variant", required=True, choices=VARIANTS)
+    parser.add_argument("--variant", required=True, choices=[*VARIANTS, "trl-liger"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--chunk", type=chunk_setting, default=CHUNK)
+    parser.add_argument("--pairs", type=int, default=None)
     args = parser.parse_args(argv)
-    figures = measure(WORKLOADS[args.workload], args.variant, args.steps, args.device, args.dtype)
+    CHUNK, PAIRS = args.chunk, args.pairs
+    workload = WORKLOADS[args.workload]
+    measure = measure_trl if args.variant.startswith("trl") else measure_duet
+    figures = measure(workload, args.variant, args.steps, args.device, args.dtype)
     print("BENCH " + json.dumps(figures), flush=True)
     return 0
 

@@ -116,3 +116,57 @@ def padding_fraction(
         real += sum(rows)
         padded += width * len(rows)
     return 1.0 - real / padded if padded else 0.0
+
+
+@dataclass(eq=False)
+class SharedPromptBatch:
+    """A batch with each pair's prompt computed once: one row ``prompt | chosen | rejected`` per pair.
+
+    Position ids restart at the end of the prompt for the rejected reply, and the attention rule (built
+    from ``segments`` by the backend) hides the chosen reply from the rejected one, so every reply token
+    sees exactly what it sees in its own ``prompt + reply`` row. The gather arrays say which hidden state
+    predicts which reply token: the first token of each reply is predicted from the prompt's last position.
+    """
+
+    input_ids: np.ndarray  # int32 [B, T]
+    position_ids: np.ndarray  # int32 [B, T]
+    segments: np.ndarray  # int8 [B, T]: 0 padding, 1 prompt, 2 chosen, 3 rejected
+    rows: np.ndarray  # int64 [M]: the packed row of each predicted reply token
+    positions: np.ndarray  # int64 [M]: the position whose hidden state predicts it
+    targets: np.ndarray  # int64 [M]: the token
+    outputs: np.ndarray  # int64 [M]: where its log-prob adds up, in the [chosen..., rejected...] layout
+
+    PADDING, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
+
+
+def share_prompts(batch: Batch, pad_id: int, pad_to_multiple_of: int = 1) -> SharedPromptBatch:
+    """Repack a ``[chosen..., rejected...]`` batch so each pair's prompt appears (and is computed) once."""
+    pairs = batch.num_pairs
+    prompts = batch.prompt_lengths[:pairs]
+    chosen, rejected = batch.response_lengths[:pairs], batch.response_lengths[pairs:]
+    width = int((prompts + chosen + rejected).max())
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = np.full((pairs, width), pad_id, dtype=np.int32)
+    position_ids = np.zeros((pairs, width), dtype=np.int32)
+    segments = np.zeros((pairs, width), dtype=np.int8)
+    rows, positions, targets, outputs = [], [], [], []
+    for row in range(pairs):
+        p, c, r = int(prompts[row]), int(chosen[row]), int(rejected[row])
+        prompt = batch.input_ids[row, :p]
+        chosen_ids = batch.input_ids[row, p : p + c]
+        rejected_ids = batch.input_ids[pairs + row, p : p + r]
+        input_ids[row, : p + c + r] = np.concatenate([prompt, chosen_ids, rejected_ids])
+        position_ids[row, : p + c + r] = np.concatenate([np.arange(p + c), np.arange(p, p + r)])
+        segments[row, :p] = SharedPromptBatch.PROMPT
+        segments[row, p : p + c] = SharedPromptBatch.CHOSEN
+        segments[row, p + c : p + c + r] = SharedPromptBatch.REJECTED
+        for start, length, ids, output in ((p, c, chosen_ids, row), (p + c, r, rejected_ids, pairs + row)):
+            predictors = np.concatenate([[p - 1], np.arange(start, start + length - 1)])
+            rows.append(np.full(length, row))
+            positions.append(predictors)
+            targets.append(ids)
+            outputs.append(np.full(length, output))
+    join = lambda parts: np.concatenate(parts).astype(np.int64)  # noqa: E731
+    return SharedPromptBatch(
+        input_ids, position_ids, segments, join(rows), join(positions), join(targets), join(outputs)
+    )

@@ -32,10 +32,15 @@ class ModelConfig:
     adapter: str | None = None  # start from an existing adapter (PEFT or mlx-lm folder)
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    logprob_chunk_size: int = 1024  # response positions per LM-head chunk in the log-prob kernel
+    # reply positions per LM-head chunk in the log-prob kernel; auto: as many as keep one chunk's logits
+    # near 128 MiB (128 for a 152k vocabulary, 1024 for 32k)
+    logprob_chunk_size: int | Literal["auto"] = "auto"
+    # torch: compute each pair's prompt once (one row prompt | chosen | rejected); auto: when it saves work
+    share_prompts: bool | Literal["auto"] = "auto"
 
     def validate(self) -> None:
-        _positive("model.logprob_chunk_size", self.logprob_chunk_size)
+        if self.logprob_chunk_size != "auto":
+            _positive("model.logprob_chunk_size", self.logprob_chunk_size)
         if not self.path.strip():
             raise ConfigError("model.path is empty: give a local model folder, a hub id, or 'demo'.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,8 @@ import numpy as np
 from core.config import DataConfig
 from core.data import LoadReport, PreferencePair, load_preferences
 from core.errors import DataError
-from core.tokenization import ChatTokenizer, TokenizedPair, TokenizeReport, tokenize_pairs
+from core.token_cache import tokenize_cached
+from core.tokenization import ChatTokenizer, TokenizedPair, TokenizeReport
 
 
 @dataclass
@@ -19,6 +21,7 @@ class PreparedSplit:
     tokenized: list[TokenizedPair]
     load_report: LoadReport
     tokenize_report: TokenizeReport
+    from_cache: bool = False  # the tokens came from the tokenization cache
 
 
 @dataclass
@@ -36,7 +39,7 @@ def resolve_data_source(source: str) -> str:
     return source
 
 
-def _load_split(source: str, config: DataConfig, chat: ChatTokenizer) -> PreparedSplit:
+def _load_split(source: str, config: DataConfig, chat: ChatTokenizer, cache_dir: Path | None) -> PreparedSplit:
     pairs, load_report = load_preferences(
         resolve_data_source(source),
         drop_duplicates=config.drop_duplicates,
@@ -45,12 +48,13 @@ def _load_split(source: str, config: DataConfig, chat: ChatTokenizer) -> Prepare
         split=config.split,
         skip_invalid=config.skip_invalid,
     )
-    tokenized, tokenize_report = tokenize_pairs(
+    tokenized, tokenize_report, cached = tokenize_cached(
         pairs,
         chat,
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
         skip_invalid=config.skip_invalid,
+        cache_dir=cache_dir,
     )
     if not tokenized and tokenize_report.skipped_template_errors:
         raise DataError(
@@ -64,15 +68,16 @@ def _load_split(source: str, config: DataConfig, chat: ChatTokenizer) -> Prepare
             f"data.max_prompt_length={config.max_prompt_length}). Raise max_length or lower "
             "max_prompt_length; `duet inspect` shows the lengths."
         )
-    return PreparedSplit(pairs, tokenized, load_report, tokenize_report)
+    return PreparedSplit(pairs, tokenized, load_report, tokenize_report, cached)
 
 
-def prepare_data(config: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
+def prepare_data(config: DataConfig, tokenizer: Any, seed: int, cache_dir: Path | None = None) -> PreparedData:
+    """Load, check and tokenize the train (and eval) data; ``cache_dir`` keeps the tokens for the next run."""
     chat = ChatTokenizer(tokenizer, config.chat_template)
-    train = _load_split(config.train, config, chat)
+    train = _load_split(config.train, config, chat, cache_dir)
     evaluation = None
     if config.eval:
-        evaluation = _load_split(config.eval, config, chat)
+        evaluation = _load_split(config.eval, config, chat, cache_dir)
     elif config.eval_fraction > 0:
         count = len(train.tokenized)
         held_out = min(count - 1, max(1, round(config.eval_fraction * count)))
@@ -88,11 +93,13 @@ def prepare_data(config: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
             [p for i, p in enumerate(train.tokenized) if i in chosen],
             train.load_report,
             train.tokenize_report,
+            train.from_cache,
         )
         train = PreparedSplit(
             train.pairs,
             [p for i, p in enumerate(train.tokenized) if i not in chosen],
             train.load_report,
             train.tokenize_report,
+            train.from_cache,
         )
     return PreparedData(chat, train, evaluation)

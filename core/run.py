@@ -26,6 +26,7 @@ from rich.text import Text
 
 from core import faults
 from core.atomic import atomic_directory, write_safetensors, write_text
+from core.batching import padding_fraction, plan_batches
 from core.checkpoint import TrainerState, latest_checkpoint, load_checkpoint
 from core.config import Config, ConfigError, apply_override, config_from_dict, read_yaml
 from core.distributed import SINGLE, Collective, DistributedError, init_distributed, shutdown_distributed
@@ -334,7 +335,7 @@ def _prepare(cfg: Config, collective: Collective = SINGLE, device: str | None = 
     backend.attach_lora(cfg.lora, adapter_path=cfg.model.adapter)
     if collective.enabled:
         backend.seed(cfg.train.seed * 7919 + collective.rank)  # but each rank its own dropout masks
-    data = prepare_data(cfg.data, backend.tokenizer, cfg.train.seed)
+    data = prepare_data(cfg.data, backend.tokenizer, cfg.train.seed, cache_root(cfg.train.cache_dir))
     return backend, data, build_objective(cfg.objective)
 
 
@@ -427,6 +428,19 @@ def data_warnings(data: PreparedData) -> list[str]:
     return list(dict.fromkeys(warnings))  # eval split from train shares its reports: say each thing once
 
 
+def padding_report(pairs: list, cfg: Config, pad_multiple: int) -> str:
+    """One line on how much of the first epoch's batches is padding, and what length grouping saves."""
+    lengths = [p.length for p in pairs]
+
+    def padding(grouped: bool) -> float:
+        plan = plan_batches(lengths, cfg.train.batch_size, seed=cfg.train.seed, group_by_length=grouped)
+        return padding_fraction(pairs, plan, pad_multiple)
+
+    if cfg.train.group_by_length:
+        return f"padding: {padding(True):.1%} of the batches' token positions ({padding(False):.1%} without grouping)"
+    return f"padding: {padding(False):.1%} of the batches' token positions (train.group_by_length is off)"
+
+
 def _train_and_export(
     backend,
     cfg: Config,
@@ -445,8 +459,11 @@ def _train_and_export(
 ) -> RunResult:
     for warning in data_warnings(data):
         emit({"type": "warning", "message": warning})
+    if data.train.from_cache:
+        emit({"type": "info", "message": f"tokenized pairs: reused from the cache ({data.train.load_report.source})"})
     _, total_steps = schedule_length(len(data.train.tokenized), cfg, collective.world_size)
     pad_multiple = getattr(backend, "pad_to_multiple_of", 1)
+    emit({"type": "info", "message": padding_report(data.train.tokenized, cfg, pad_multiple)})
     train_ref, eval_ref = (
         (None, None)
         if objective.is_reference_free
@@ -513,6 +530,9 @@ def _train_and_export(
         )
         return RunResult(run_dir.path, None, final, state, stopped=True, events=emit.history)
     if not collective.is_main:  # rank 0 exports; the adapters are the same on every rank
+        # wait for the export: a rank that tears its process group down while another still uses it can
+        # abort in gloo's teardown (seen as SIGABRT at exit)
+        collective.barrier()
         return RunResult(run_dir.path, run_dir.adapter_dir, final, state, events=emit.history)
 
     with atomic_directory(run_dir.adapter_dir, replace=True) as folder:
@@ -530,6 +550,7 @@ def _train_and_export(
                 backend=backend.name,
             ),
         )
+    collective.barrier()  # the other ranks wait for the export (above)
     demo = None
     if cfg.data.train == "demo" and data.eval:
         demo = _demo_report(backend, data, emit)

@@ -55,6 +55,8 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         (["data.format=sharegtp"], r"data\.format 'sharegtp' is unknown \(did you mean 'sharegpt'\?\)"),
         (["train.run_name=../escape"], r"train\.run_name '\.\./escape' must be a plain folder name"),
         (["lora.dropout=1.5"], r"lora\.dropout must be in \[0, 1\)"),
+        (["model.logprob_chunk_size=0"], r"model\.logprob_chunk_size must be > 0"),
+        (["model.logprob_chunk_size=big"], r"model\.logprob_chunk_size"),
         (["train"], r"override 'train': expected key=value"),
         (["train.lr.x=1"], r"train\.lr: expected a number, got dict"),
         (["train.lr=1", "train.lr.x=1"], r"'train\.lr' is not a section"),
@@ -74,3 +76,21 @@ def test_bad_files(tmp_path: Path) -> None:
         load_config(write(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match=r"train: expected a mapping, got int 5"):
         load_config(write(tmp_path, "train: 5\n"))
+
+
+def test_the_kernel_chunk_size_is_auto_or_a_number() -> None:
+    from backends.base import CHUNK_LOGITS, chunk_positions
+
+    assert load_config(None).model.logprob_chunk_size == "auto"
+    assert load_config(None, ["model.logprob_chunk_size=256"]).model.logprob_chunk_size == 256
+    # auto: the largest power of two whose [positions, vocab] logits fit the budget, within [32, 4096]
+    assert chunk_positions("auto", 151_936) == 128  # Qwen2.5
+    assert chunk_positions("auto", 32_000) == 1024  # Llama 2
+    assert chunk_positions("auto", 262_144) == 128  # Gemma 3: exactly the budget
+    assert chunk_positions("auto", 512) == 4096  # the demo: capped
+    assert chunk_positions("auto", 10**7) == 32  # floor
+    for vocab in (512, 32_000, 151_936, 262_144):
+        chosen = chunk_positions("auto", vocab)
+        assert chosen * vocab <= CHUNK_LOGITS or chosen == 32
+        assert chosen == 4096 or 2 * chosen * vocab > CHUNK_LOGITS
+    assert chunk_positions(300, 151_936) == 300

@@ -109,7 +109,7 @@ def test_run_directory_layout_and_metrics_file(tmp_path: Path) -> None:
     assert {"config.yaml", "metrics.jsonl", "checkpoints", "adapter", "reference", "run.json"} <= names
     assert [p.name for p in (result.run_dir / "checkpoints").iterdir()] == ["step-00000004"]  # keep 1
     events = read_metrics(result.run_dir / "metrics.jsonl")
-    assert [e["type"] for e in events][:3] == ["reference", "reference", "start"]
+    assert [e["type"] for e in events][:4] == ["info", "reference", "reference", "start"]  # info: the padding
     train_events = [e for e in events if e["type"] == "train"]
     assert [e["step"] for e in train_events] == [1, 2, 3, 4]
     for key in (
@@ -222,3 +222,25 @@ def test_a_damaged_reference_cache_entry_is_recomputed(tmp_path: Path) -> None:
         entry.write_bytes(b"garbage")
     again = run(config, console=quiet())
     assert [e["cache_hit"] for e in again.events if e["type"] == "reference"] == [False, False]
+
+
+def test_tokenized_pairs_are_cached_and_reused(tmp_path: Path) -> None:
+    config = quick_config(tmp_path, train={"max_steps": 1})
+    first = run(config, console=quiet())
+    second = run(config, console=quiet())
+    said = [e["message"] for e in second.events if e["type"] == "info"]
+    assert any("tokenized pairs: reused from the cache" in m for m in said)
+    assert not any("tokenized pairs" in e.get("message", "") for e in first.events)
+    runs = sorted((tmp_path / "runs").iterdir())
+    fingerprints = [json.loads((r / "run.json").read_text())["data_fingerprints"] for r in runs]
+    assert fingerprints[0] == fingerprints[1]  # the very same tokens
+    other = run(quick_config(tmp_path, data={"max_length": 100}, train={"max_steps": 1}), console=quiet())
+    assert not any("tokenized pairs" in e.get("message", "") for e in other.events)  # other settings: no hit
+
+
+def test_a_run_reports_its_padding_with_and_without_length_grouping(tmp_path: Path) -> None:
+    result = run(quick_config(tmp_path, train={"max_steps": 1}), console=quiet())
+    lines = [e["message"] for e in result.events if e["type"] == "info" and e["message"].startswith("padding:")]
+    assert len(lines) == 1
+    grouped, plain = (float(x) for x in re.findall(r"([\d.]+)%", lines[0]))
+    assert 0 <= grouped < plain  # the demo's lengths vary: grouping pads less

@@ -19,8 +19,22 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from backends.base import Backend, BackendError, BackendInfo, StepResult, UpdateResult, peak_rss_bytes
-from backends.mlx_backend.kernel import chunked_token_logps, output_head, response_positions, sequence_logps
+from backends.base import (
+    Backend,
+    BackendError,
+    BackendInfo,
+    StepResult,
+    UpdateResult,
+    chunk_positions,
+    peak_rss_bytes,
+)
+from backends.mlx_backend.kernel import (
+    chunked_token_logps,
+    output_head,
+    response_positions,
+    sequence_logps,
+    vocabulary_size,
+)
 from backends.mlx_backend.ops import MlxOps
 from core.adapters import MLX_WEIGHTS, Adapter, AdapterError, mlx_tensors, read_adapter, write_mlx
 from core.batching import Batch
@@ -40,7 +54,9 @@ class MlxBackend(Backend):
     name = "mlx"
     pad_to_multiple_of = 32
 
-    def __init__(self, dtype: str = "auto", gradient_checkpointing: bool = False, chunk_size: int = 1024) -> None:
+    def __init__(
+        self, dtype: str = "auto", gradient_checkpointing: bool = False, chunk_size: int | str = "auto"
+    ) -> None:
         self.dtype_choice = dtype
         self.gradient_checkpointing = gradient_checkpointing
         self.chunk_size = chunk_size
@@ -152,7 +168,8 @@ class MlxBackend(Backend):
         return mx.array(batch.input_ids), positions
 
     def _token_logps(self):
-        return chunked_token_logps(output_head(self.model), self.chunk_size)
+        chunk = chunk_positions(self.chunk_size, vocabulary_size(self.model))
+        return chunked_token_logps(output_head(self.model), chunk)
 
     def sequence_logps(self, batch: Batch, *, adapter: bool = True) -> np.ndarray:
         self.model.eval()

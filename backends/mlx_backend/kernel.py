@@ -54,9 +54,21 @@ def output_head(model: nn.Module) -> Callable[[mx.array], mx.array]:
     return head
 
 
+def vocabulary_size(model: nn.Module) -> int:
+    """Rows of the output head (its weight's first axis, quantized or not)."""
+    layer = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens
+    return int(layer.weight.shape[0])
+
+
 def decoder_hidden(model: nn.Module, input_ids: mx.array) -> mx.array:
     """Final hidden states (after the last norm), without the LM head."""
     return model.model(input_ids)
+
+
+def _after(piece: mx.array, done: list[mx.array]) -> mx.array:
+    """``piece``, scheduled after the previous chunk's result: without the edge, a compiled graph may hold
+    every chunk's ``[chunk, vocab]`` logits at once, which is the memory the chunking exists to save."""
+    return mx.depends(piece, done[-1]) if done else piece
 
 
 def chunked_token_logps(head: Callable[[mx.array], mx.array], chunk_size: int) -> Callable:
@@ -67,9 +79,9 @@ def chunked_token_logps(head: Callable[[mx.array], mx.array], chunk_size: int) -
 
     @mx.custom_function
     def token_logps(hidden: mx.array, targets: mx.array) -> mx.array:
-        pieces = []
+        pieces: list[mx.array] = []
         for start, end in chunks(hidden.shape[0]):
-            logits = head(hidden[start:end]).astype(mx.float32)
+            logits = head(_after(hidden[start:end], pieces)).astype(mx.float32)
             picked = mx.take_along_axis(logits, targets[start:end, None], axis=-1).squeeze(-1)
             pieces.append(picked - mx.logsumexp(logits, axis=-1))
         return mx.concatenate(pieces)
@@ -77,14 +89,15 @@ def chunked_token_logps(head: Callable[[mx.array], mx.array], chunk_size: int) -
     @token_logps.vjp
     def token_logps_vjp(primals, cotangent, output):
         hidden, targets = primals
-        grads = []
+        grads: list[mx.array] = []
         for start, end in chunks(hidden.shape[0]):
-            piece = hidden[start:end]
-            scale = cotangent[start:end, None]
-            # d logp[t] / d logits = onehot(t) - softmax(logits)
-            grad_logits = -mx.softmax(head(piece).astype(mx.float32), axis=-1) * scale
-            picked = mx.take_along_axis(grad_logits, targets[start:end, None], axis=-1)
-            grad_logits = mx.put_along_axis(grad_logits, targets[start:end, None], picked + scale, axis=-1)
+            piece = _after(hidden[start:end], grads)
+            probs = mx.softmax(head(piece).astype(mx.float32), axis=-1)
+            # d logp[t] / d logits = onehot(t) - softmax(logits). The one-hot comes from a comparison, not a
+            # scatter into a copy, so a compiled step fuses it with the subtraction: one [chunk, vocab] buffer.
+            # (Subtracting before the product with the head keeps 1 - p[t] exact when the model is confident.)
+            onehot = mx.arange(probs.shape[-1], dtype=targets.dtype) == targets[start:end, None]
+            grad_logits = (onehot.astype(mx.float32) - probs) * cotangent[start:end, None]
             _, (grad_piece,) = mx.vjp(head, [piece], [grad_logits.astype(piece.dtype)])
             grads.append(grad_piece)
         return mx.concatenate(grads), mx.zeros_like(targets)

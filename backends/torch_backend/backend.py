@@ -14,10 +14,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.base import Backend, BackendError, BackendInfo, StepResult, UpdateResult, peak_rss_bytes
-from backends.torch_backend.kernel import logit_transform, masked_sequence_logps, naive_sequence_logps
+from backends.base import (
+    Backend,
+    BackendError,
+    BackendInfo,
+    StepResult,
+    UpdateResult,
+    chunk_positions,
+    peak_rss_bytes,
+)
+from backends.torch_backend.host_memory import return_freed_memory_promptly
+from backends.torch_backend.kernel import (
+    gathered_sequence_logps,
+    logit_transform,
+    naive_sequence_logps,
+    shared_prompt_mask,
+)
 from backends.torch_backend.ops import TorchOps
-from core.batching import Batch
+from core.batching import Batch, share_prompts
 from core.config import LoraConfig
 from core.distributed import SINGLE, Collective
 from core.errors import DuetError
@@ -92,7 +106,8 @@ def out_of_memory_advice(what: str, batch: Batch | None = None):
 
 
 class ResponseLogProbs(torch.nn.Module):
-    """The masked log-prob kernel as a module: what DistributedDataParallel wraps under torchrun."""
+    """The log-prob kernel as a module (what DistributedDataParallel wraps under torchrun): one decoder pass,
+    then the reply tokens' log-probs from the gathered hidden states, summed per sequence."""
 
     def __init__(self, causal_lm: torch.nn.Module, chunk_size: int, transform: Any) -> None:
         super().__init__()
@@ -100,16 +115,59 @@ class ResponseLogProbs(torch.nn.Module):
         self.chunk_size = chunk_size
         self.transform = transform
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-        return masked_sequence_logps(
+    def forward(self, inputs: dict[str, torch.Tensor], count: int) -> torch.Tensor:
+        return gathered_sequence_logps(
             self.causal_lm.get_decoder(),
             self.causal_lm.get_output_embeddings(),
-            input_ids,
-            attention_mask,
-            loss_mask,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs.get("position_ids"),
+            inputs["rows"],
+            inputs["positions"],
+            inputs["targets"],
+            inputs["outputs"],
+            count,
             self.chunk_size,
             self.transform,
         )
+
+
+def kernel_inputs(
+    batch: Batch, share: bool | str, pad_to_multiple_of: int = 1
+) -> tuple[dict[str, np.ndarray], int, bool]:
+    """(arrays, sequences, shared): the batch as the kernel takes it, each pair's prompt packed once when that
+    saves work (share "auto": when it cuts the tokens to run by a fifth or more)."""
+    pairs = batch.num_pairs
+    packed_tokens = int(
+        (batch.prompt_lengths[:pairs] + batch.response_lengths[:pairs] + batch.response_lengths[pairs:]).sum()
+    )
+    use = share is True or (share == "auto" and packed_tokens <= 0.8 * batch.input_ids.size)
+    if use:
+        packed = share_prompts(batch, pad_id=0, pad_to_multiple_of=pad_to_multiple_of)
+        return (
+            {
+                "input_ids": packed.input_ids,
+                "segments": packed.segments,
+                "position_ids": packed.position_ids,
+                "rows": packed.rows,
+                "positions": packed.positions,
+                "targets": packed.targets,
+                "outputs": packed.outputs,
+            },
+            2 * pairs,
+            True,
+        )
+    rows, positions = np.nonzero(batch.loss_mask[:, 1:])
+    # no padding mask: rows are right-padded, so under the causal mask no real token ever sees a pad, and
+    # without an explicit mask attention can take its fused causal kernel (no [T, T] scores kept)
+    arrays = {
+        "input_ids": batch.input_ids,
+        "rows": rows,
+        "positions": positions,
+        "targets": batch.input_ids[rows, positions + 1],
+        "outputs": rows,
+    }
+    return arrays, batch.input_ids.shape[0], False
 
 
 class TorchBackend(Backend):
@@ -120,15 +178,19 @@ class TorchBackend(Backend):
         device: str = "auto",
         dtype: str = "auto",
         gradient_checkpointing: bool = False,
-        chunk_size: int = 1024,
+        chunk_size: int | str = "auto",
         naive_logits: bool = False,
         collective: Collective = SINGLE,
+        share_prompts: bool | str = "auto",
     ) -> None:
+        self.share_prompts = share_prompts  # True, False or "auto": pack each prompt once
         self.collective = collective
         self._ddp: Any = None
         self._logps_module: Any = None
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if self.device.type == "cpu":
+            return_freed_memory_promptly()
         self.gradient_checkpointing = gradient_checkpointing
         self.chunk_size = chunk_size
         self.naive_logits = naive_logits  # the full-logits path, for benchmarks and checks only
@@ -220,7 +282,8 @@ class TorchBackend(Backend):
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()  # fp32 master weights for the adapter
         causal_lm = self._causal_lm()
-        self._logps_module = ResponseLogProbs(causal_lm, self.chunk_size, self._transform)
+        vocab_size = causal_lm.get_output_embeddings().weight.shape[0]
+        self._logps_module = ResponseLogProbs(causal_lm, chunk_positions(self.chunk_size, vocab_size), self._transform)
         if self.collective.enabled:
             self._wrap_ddp()
 
@@ -259,13 +322,17 @@ class TorchBackend(Backend):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def _row_logps(self, batch: Batch, *, train: bool = False) -> torch.Tensor:
-        input_ids, attention_mask, loss_mask = self._tensors(batch)
-        with self._autocast():
-            if self.naive_logits:
+        if self.naive_logits:
+            input_ids, attention_mask, loss_mask = self._tensors(batch)
+            with self._autocast():
                 return naive_sequence_logps(self.model, input_ids, attention_mask, loss_mask)
+        arrays, count, shared = kernel_inputs(batch, self.share_prompts)
+        inputs = {k: torch.from_numpy(v).to(self.device, dtype=torch.long) for k, v in arrays.items()}
+        inputs["attention_mask"] = shared_prompt_mask(inputs.pop("segments")) if shared else None
+        with self._autocast():
             # training steps under torchrun go through DDP, which averages the LoRA gradients across ranks
             module = self._ddp if train and self._ddp is not None else self._logps_module
-            return module(input_ids, attention_mask, loss_mask)
+            return module(inputs, count)
 
     def _adapter_disabled(self, adapter: bool):
         if adapter or not hasattr(self.model, "disable_adapter"):

@@ -144,10 +144,54 @@ def masked_sequence_logps(
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Summed response log-probs per row ([N], float32) through the response-only chunked head."""
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     rows, positions, targets = response_positions(input_ids, loss_mask)
+    return gathered_sequence_logps(
+        decoder,
+        lm_head,
+        input_ids,
+        attention_mask,
+        None,
+        rows,
+        positions,
+        targets,
+        rows,
+        input_ids.shape[0],
+        chunk_size,
+        transform,
+    )
+
+
+def gathered_sequence_logps(
+    decoder: torch.nn.Module,
+    lm_head: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    outputs: torch.Tensor,
+    count: int,
+    chunk_size: int,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run the decoder once, then log p(targets[i]) from the hidden state at (rows[i], positions[i]), summed
+    into ``count`` sequences by ``outputs``. The shared-prompt packing and the plain layout both use it."""
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     logps = token_logps(hidden[rows, positions], lm_head, targets, chunk_size, transform)
-    return torch.zeros(input_ids.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+    return torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, outputs, logps)
+
+
+def shared_prompt_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] boolean attention: causal, never onto padding, and the rejected reply never sees the
+    chosen one (both follow the same prompt)."""
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    keys = segments[:, None, :] != 0
+    crossing = (segments[:, :, None] == 3) & (segments[:, None, :] == 2)
+    return (causal & keys & ~crossing)[:, None]
 
 
 def naive_sequence_logps(

@@ -14,20 +14,21 @@ from tests.faults.support import assert_intact, assert_same_run, duet, run_dir, 
 pytestmark = pytest.mark.slow
 
 # point:n → the n-th time the run reaches the point (core/faults.py). The write counts follow the order of
-# a fresh run's file writes: 1 run.json, 2 config.yaml, 3 the cache's file-digest memo, 4 the reference
-# cache (train), 5 its copy in the run, 6-7 the same for eval, then each checkpoint's optimizer.safetensors,
-# optimizer.json, rng.safetensors and trainer_state.json (8-11 for step 2, 12-15 for step 4).
+# a fresh run's file writes: 1 the tokenized-pairs cache, 2 run.json, 3 config.yaml, 4 the cache's
+# file-digest memo, 5 the reference cache (train), 6 its copy in the run, 7-8 the same for eval, then each
+# checkpoint's optimizer.safetensors, optimizer.json, rng.safetensors and trainer_state.json (9-12 for
+# step 2, 13-16 for step 4).
 KILL_POINTS = {
     "in the middle of a training step": "step.backward:3",
     "after an update, before it is logged or saved": "step.updated:5",
     "after the last update, before the last checkpoint": "step.updated:8",
-    "half-way through writing the model's file-digest memo": "write.partial:3",
-    "half-way through writing the reference cache": "write.partial:4",
+    "half-way through writing the model's file-digest memo": "write.partial:4",
+    "half-way through writing the reference cache": "write.partial:5",
     "while computing reference log-probs": "reference.batch:2",
-    "just before renaming the run's copy of the reference": "write.rename:5",
+    "just before renaming the run's copy of the reference": "write.rename:6",
     "inside a checkpoint, after the adapter": "checkpoint.adapter:2",
     "inside a checkpoint, after the optimizer state": "checkpoint.optimizer:1",
-    "half-way through a checkpoint file": "write.partial:13",
+    "half-way through a checkpoint file": "write.partial:14",
     "just before a checkpoint folder is renamed into place": "dir.rename:2",
     "while deleting an old checkpoint": "checkpoint.prune:1",
     "half-way through a metrics line": "metrics.line:9",
@@ -59,3 +60,16 @@ def test_killed_then_resumed_equals_uninterrupted(baseline: Path, tmp_path: Path
     assert_intact(tmp_path)
     assert_same_run(tmp_path, baseline)
     assert not list(run_dir(tmp_path).rglob(".tmp-*")), "temporaries left behind"
+
+
+def test_killed_while_caching_the_tokens_then_run_again_equals_uninterrupted(baseline: Path, tmp_path: Path) -> None:
+    """Before the run directory exists there is nothing to resume: the same command again must just work,
+    with the half-written cache entry neither read nor left behind."""
+    config = write_config(tmp_path)
+    killed = duet("--config", str(config), fault="write.partial:1")
+    assert killed.returncode == -signal.SIGKILL, f"the fault never fired: {killed.stdout[-1500:]}"
+    assert not list((tmp_path / "cache" / "tokenized").glob("*.safetensors"))  # nothing half-written in place
+    again = duet("--config", str(config))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_same_run(tmp_path, baseline)
+    assert [p.suffix for p in (tmp_path / "cache" / "tokenized").iterdir()] == [".safetensors"]
