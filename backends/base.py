@@ -236,6 +236,7 @@ def create_backend(config: Config, collective: Collective = SINGLE, device: str 
             dtype=config.model.dtype,
             gradient_checkpointing=config.model.gradient_checkpointing,
             chunk_size=config.model.logprob_chunk_size,
+            share_prompts=config.model.share_prompts,
         )
     else:
         raise BackendError(f"unknown backend '{name}'; choose auto, torch or mlx.")

@@ -35,7 +35,7 @@ class ModelConfig:
     # reply positions per LM-head chunk in the log-prob kernel; auto: as many as keep one chunk's logits
     # near 128 MiB (128 for a 152k vocabulary, 1024 for 32k)
     logprob_chunk_size: int | Literal["auto"] = "auto"
-    # torch: compute each pair's prompt once (one row prompt | chosen | rejected); auto: when it saves work
+    # compute each pair's prompt once (torch: one packed row; MLX: its keys and values reused); auto: when it saves work
     share_prompts: bool | Literal["auto"] = "auto"
 
     def validate(self) -> None:

@@ -171,3 +171,64 @@ def test_checkpoint_state_round_trips(backends, pair_batches, tmp_path: Path) ->
     replayed = mlx_backend.adapter_weights()
     for key in after:
         np.testing.assert_array_equal(replayed[key], after[key])
+
+
+def test_shared_prompts_equal_the_unshared_path(backends, pair_batches) -> None:
+    """Each prompt computed once (its keys and values reused by both replies) gives the same log-probs and
+    LoRA gradients as computing it in both rows: 1e-4 relative, as on torch."""
+    from mlx.utils import tree_flatten
+
+    from backends.mlx_backend import shared_prompts
+
+    _, mlx_backend = backends
+    model = mlx_backend.model
+    assert shared_prompts.can_share(model, gradient_checkpointing=False)
+    assert not shared_prompts.can_share(model, gradient_checkpointing=True)
+    token_logps = mlx_backend._token_logps()
+    for batch in pair_batches:
+        input_ids, positions = mlx_backend._inputs(batch)
+        inputs = shared_prompts.shared_inputs(batch)
+        sequences = input_ids.shape[0]
+
+        def plain(m, input_ids=input_ids, positions=positions):
+            return mlx_kernel.sequence_logps(m, input_ids, positions, token_logps)
+
+        def shared(m, inputs=inputs, sequences=sequences):
+            return shared_prompts.shared_sequence_logps(m, inputs, token_logps, sequences)
+
+        np.testing.assert_allclose(np.array(shared(model)), np.array(plain(model)), rtol=1e-4)
+        weights = mx.array(np.linspace(-1.0, 1.0, sequences).astype(np.float32))  # every row matters, differently
+        _, got = nn.value_and_grad(model, lambda m, f=shared, w=weights: (f(m) * w).sum())(model)
+        _, want = nn.value_and_grad(model, lambda m, f=plain, w=weights: (f(m) * w).sum())(model)
+        for (name, g), (_, w) in zip(tree_flatten(got), tree_flatten(want), strict=True):
+            w = np.array(w)
+            np.testing.assert_allclose(np.array(g), w, rtol=1e-4, atol=1e-4 * np.abs(w).max(), err_msg=name)
+
+
+def test_a_training_step_with_shared_prompts_equals_one_without(backends, pair_batches) -> None:
+    """The compiled step itself, both ways: same metrics, margins and LoRA gradients (1e-4)."""
+    from mlx.utils import tree_flatten
+
+    _, mlx_backend = backends
+    objective = build_objective(ObjectiveConfig(name="dpo"))
+    batch = pair_batches[1]
+    reference = np.full(len(batch.response_lengths), -50.0)
+    results, grads = [], []
+    try:
+        for share in (True, False):
+            mlx_backend.share_prompts = share
+            assert mlx_backend._shares(batch) is share
+            mlx_backend.discard_gradients()
+            mlx_backend.seed(0)
+            results.append(mlx_backend.forward_backward(batch, objective, reference, 0.0, 1.0))
+            grads.append({k: np.array(v) for k, v in tree_flatten(mlx_backend._grads)})
+    finally:
+        mlx_backend.share_prompts = "auto"
+        mlx_backend.discard_gradients()
+    for key, value in results[1].metrics.items():
+        assert results[0].metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    np.testing.assert_allclose(results[0].margins, results[1].margins, rtol=1e-4, atol=1e-6)
+    for name, expected in grads[1].items():
+        np.testing.assert_allclose(
+            grads[0][name], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(), err_msg=name
+        )

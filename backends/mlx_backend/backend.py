@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from backends.base import (
     peak_rss_bytes,
 )
 from backends.mlx_backend.kernel import (
+    Positions,
     chunked_token_logps,
     output_head,
     response_positions,
@@ -36,6 +38,13 @@ from backends.mlx_backend.kernel import (
     vocabulary_size,
 )
 from backends.mlx_backend.ops import MlxOps
+from backends.mlx_backend.shared_prompts import (
+    SharedInputs,
+    can_share,
+    padded_width,
+    shared_inputs,
+    shared_sequence_logps,
+)
 from core.adapters import MLX_WEIGHTS, Adapter, AdapterError, mlx_tensors, read_adapter, write_mlx
 from core.batching import Batch
 from core.config import LoraConfig
@@ -55,8 +64,13 @@ class MlxBackend(Backend):
     pad_to_multiple_of = 32
 
     def __init__(
-        self, dtype: str = "auto", gradient_checkpointing: bool = False, chunk_size: int | str = "auto"
+        self,
+        dtype: str = "auto",
+        gradient_checkpointing: bool = False,
+        chunk_size: int | str = "auto",
+        share_prompts: bool | str = "auto",
     ) -> None:
+        self.share_prompts = share_prompts  # True, False or "auto": each prompt's keys and values once
         self.dtype_choice = dtype
         self.gradient_checkpointing = gradient_checkpointing
         self.chunk_size = chunk_size
@@ -71,7 +85,7 @@ class MlxBackend(Backend):
         self._grads: Any = None
         self._base_seed = 0
         self._micro_batches = 0  # drives the dropout seed
-        self._compiled: dict[tuple[int, float], Any] = {}
+        self._compiled: dict[tuple[int, float, bool, bool], Any] = {}
 
     # -- model and adapter ------------------------------------------------------------------------------
 
@@ -167,15 +181,40 @@ class MlxBackend(Backend):
         positions = response_positions(batch.input_ids, batch.loss_mask)
         return mx.array(batch.input_ids), positions
 
+    def _shares(self, batch: Batch) -> bool:
+        """Whether this batch runs each prompt once ("auto": when that cuts the tokens to run by a fifth)."""
+        if self.share_prompts is False or not can_share(self.model, self.gradient_checkpointing):
+            return False
+        if self.share_prompts is True:
+            return True
+        pairs = batch.num_pairs
+        prompt_width = padded_width(int(batch.prompt_lengths[:pairs].max()))
+        reply_width = padded_width(int(batch.response_lengths.max()))
+        return pairs * prompt_width + 2 * pairs * reply_width <= 0.8 * batch.input_ids.size
+
+    def _logps_inputs(self, batch: Batch) -> tuple[Any, ...]:
+        """The arrays the log-prob computation takes: shared-prompt inputs, or ids and gather positions."""
+        if self._shares(batch):
+            return tuple(vars(shared_inputs(batch)).values())
+        input_ids, positions = self._inputs(batch)
+        return (input_ids, positions.rows, positions.columns, positions.targets, positions.valid)
+
+    @staticmethod
+    def _logps(model: Any, arrays: tuple[Any, ...], token_logps: Any, sequences: int) -> mx.array:
+        if len(arrays) == len(fields(SharedInputs)):
+            return shared_sequence_logps(model, SharedInputs(*arrays), token_logps, sequences)
+        input_ids, rows, columns, targets, valid = arrays
+        return sequence_logps(model, input_ids, Positions(rows, columns, targets, valid), token_logps)
+
     def _token_logps(self):
         chunk = chunk_positions(self.chunk_size, vocabulary_size(self.model))
         return chunked_token_logps(output_head(self.model), chunk)
 
     def sequence_logps(self, batch: Batch, *, adapter: bool = True) -> np.ndarray:
         self.model.eval()
-        input_ids, positions = self._inputs(batch)
+        arrays = self._logps_inputs(batch)
         with self._adapter(adapter):
-            logps = sequence_logps(self.model, input_ids, positions, self._token_logps())
+            logps = self._logps(self.model, arrays, self._token_logps(), len(batch.response_lengths))
             mx.eval(logps)
         return np.array(logps).astype(np.float64)
 
@@ -183,9 +222,9 @@ class MlxBackend(Backend):
         token_logps = self._token_logps()
         ops = self.ops
 
-        def loss(model, input_ids, positions, lengths, reference, has_reference, scale):
-            logps = sequence_logps(model, input_ids, positions, token_logps)
-            pairs = input_ids.shape[0] // 2
+        def loss(model, arrays, lengths, reference, has_reference, scale):
+            logps = self._logps(model, arrays, token_logps, lengths.shape[0])
+            pairs = lengths.shape[0] // 2
             ref = reference if has_reference else None
             outputs = PolicyOutputs(
                 logps[:pairs],
@@ -203,8 +242,8 @@ class MlxBackend(Backend):
 
         return loss
 
-    def _step_function(self, objective: Objective, nll_weight: float, train: bool):
-        key = (id(objective), nll_weight, train)
+    def _step_function(self, objective: Objective, nll_weight: float, train: bool, shared: bool):
+        key = (id(objective), nll_weight, train, shared)
         if key not in self._compiled:
             loss = self._loss_function(objective, nll_weight)
             metric_names = sorted(
@@ -218,23 +257,15 @@ class MlxBackend(Backend):
             if train:
                 value_and_grad = nn.value_and_grad(self.model, loss)
 
-                def step(input_ids, rows, columns, targets, valid, lengths, reference, scale):
-                    from backends.mlx_backend.kernel import Positions
-
-                    positions = Positions(rows, columns, targets, valid)
+                def step(arrays, lengths, reference, scale):
                     (_, aux), grads = value_and_grad(
-                        self.model, input_ids, positions, lengths, reference, not objective.is_reference_free, scale
+                        self.model, arrays, lengths, reference, not objective.is_reference_free, scale
                     )
                     return aux, grads
             else:
 
-                def step(input_ids, rows, columns, targets, valid, lengths, reference, scale):
-                    from backends.mlx_backend.kernel import Positions
-
-                    positions = Positions(rows, columns, targets, valid)
-                    _, aux = loss(
-                        self.model, input_ids, positions, lengths, reference, not objective.is_reference_free, scale
-                    )
+                def step(arrays, lengths, reference, scale):
+                    _, aux = loss(self.model, arrays, lengths, reference, not objective.is_reference_free, scale)
                     return aux
 
             # The model state is an output too: nn.value_and_grad writes the traced parameters into the model
@@ -252,24 +283,16 @@ class MlxBackend(Backend):
         scale: float,
         train: bool,
     ):
-        step, names = self._step_function(objective, nll_weight, train)
-        input_ids, positions = self._inputs(batch)
+        shared = self._shares(batch)
+        step, names = self._step_function(objective, nll_weight, train, shared)
+        arrays = self._logps_inputs(batch)
         lengths = mx.array(batch.response_lengths.astype(np.float32))
         ref = mx.array(
             np.zeros(len(batch.response_lengths), np.float32)
             if reference is None
             else np.asarray(reference, np.float32)
         )
-        outputs = step(
-            input_ids,
-            positions.rows,
-            positions.columns,
-            positions.targets,
-            positions.valid,
-            lengths,
-            ref,
-            mx.array(scale, dtype=mx.float32),
-        )
+        outputs = step(arrays, lengths, ref, mx.array(scale, dtype=mx.float32))
         return outputs, names
 
     def forward_backward(
@@ -297,7 +320,6 @@ class MlxBackend(Backend):
         mx.eval(aux)
         return self._result(batch, names, aux)
 
-    @staticmethod
     @staticmethod
     def _result(batch: Batch, names: list[str], aux: mx.array) -> StepResult:
         values = np.array(aux).astype(np.float64)
