@@ -3,8 +3,8 @@
     duet bench --workload qwen-small --variants duet-torch,trl,trl-precompute --steps 16
 
 Variants: duet-torch (add -gc for gradient checkpointing, -unshared to compute each prompt twice, -naive
-for full logits), duet-mlx, trl (TRL's DPOTrainer with a PEFT LoRA config, its defaults), trl-precompute
-(precompute_ref_log_probs=True), trl-liger (CUDA). TRL comes with the `bench` extra.
+for full logits), duet-mlx (-gc, -unshared), trl (TRL's DPOTrainer with a PEFT LoRA config, its defaults),
+trl-precompute (precompute_ref_log_probs=True), trl-liger (CUDA). TRL comes with the `bench` extra.
 """
 
 from __future__ import annotations

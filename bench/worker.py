@@ -27,7 +27,7 @@ import numpy as np
 from bench import memory
 from bench.workloads import WORKLOADS, Workload
 
-# duet-torch[-gc|-naive|-unshared] | duet-mlx[-gc] | trl | trl-precompute
+# duet-torch[-gc|-naive|-unshared] | duet-mlx[-gc|-unshared] | trl | trl-precompute
 VARIANTS = [
     "duet-torch",
     "duet-torch-gc",
@@ -35,6 +35,7 @@ VARIANTS = [
     "duet-torch-unshared",
     "duet-mlx",
     "duet-mlx-gc",
+    "duet-mlx-unshared",
     "trl",
     "trl-precompute",
 ]
@@ -141,7 +142,10 @@ def make_backend(variant: str, device: str, dtype: str):
         from backends.mlx_backend.backend import MlxBackend
 
         return MlxBackend(
-            dtype="float32" if dtype == "auto" else dtype, gradient_checkpointing=checkpointing, chunk_size=CHUNK
+            dtype="float32" if dtype == "auto" else dtype,
+            gradient_checkpointing=checkpointing,
+            chunk_size=CHUNK,
+            share_prompts=not variant.endswith("-unshared") and "auto",
         )
     from backends.torch_backend.backend import TorchBackend
 
