@@ -21,6 +21,7 @@ from rich.table import Table
 
 from bench.worker import chunk_setting
 from bench.workloads import WORKLOADS
+from core.atomic import write_json
 
 GIB = 1024**3
 
@@ -170,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table(args.workload, merged))
     for line in comparisons(merged):
         console.print(line, highlight=False)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"workload": args.workload, "steps": args.steps, "rows": rows}, handle, indent=2)
+    if args.json:  # atomically: an interrupted benchmark never leaves half a results file
+        write_json(args.json, {"workload": args.workload, "steps": args.steps, "rows": rows})
     return 0
 
 

@@ -118,6 +118,15 @@ def padding_fraction(
     return 1.0 - real / padded if padded else 0.0
 
 
+SHARING_PAYS = 0.8  # share prompts when that leaves at most this share of the tokens to run
+
+
+def sharing_pays(shared_tokens: int, plain_tokens: int) -> bool:
+    """The rule behind ``model.share_prompts: auto``, the same on every backend: share when it cuts the
+    tokens a batch runs by a fifth or more (below that, the packing's own cost eats the gain)."""
+    return shared_tokens <= SHARING_PAYS * plain_tokens
+
+
 @dataclass(eq=False)
 class SharedPromptBatch:
     """A batch with each pair's prompt computed once: one row ``prompt | chosen | rejected`` per pair.

@@ -46,7 +46,7 @@ from backends.mlx_backend.shared_prompts import (
     shared_sequence_logps,
 )
 from core.adapters import MLX_WEIGHTS, Adapter, AdapterError, mlx_tensors, read_adapter, write_mlx
-from core.batching import Batch
+from core.batching import Batch, sharing_pays
 from core.config import LoraConfig
 from core.models_io import ModelError, check_model_folder, load_tokenizer, resolve_model_path
 from core.objectives import Objective, PolicyOutputs, evaluate
@@ -190,18 +190,20 @@ class MlxBackend(Backend):
         pairs = batch.num_pairs
         prompt_width = padded_width(int(batch.prompt_lengths[:pairs].max()))
         reply_width = padded_width(int(batch.response_lengths.max()))
-        return pairs * prompt_width + 2 * pairs * reply_width <= 0.8 * batch.input_ids.size
+        return sharing_pays(pairs * prompt_width + 2 * pairs * reply_width, batch.input_ids.size)
 
-    def _logps_inputs(self, batch: Batch) -> tuple[Any, ...]:
-        """The arrays the log-prob computation takes: shared-prompt inputs, or ids and gather positions."""
-        if self._shares(batch):
-            return tuple(vars(shared_inputs(batch)).values())
+    def _logps_inputs(self, batch: Batch, shared: bool) -> tuple[Any, ...]:
+        """The arrays the log-prob computation takes (a flat tuple, as a compiled step wants): shared-prompt
+        inputs, or ids and gather positions."""
+        if shared:
+            inputs = shared_inputs(batch)
+            return tuple(getattr(inputs, field.name) for field in fields(SharedInputs))
         input_ids, positions = self._inputs(batch)
         return (input_ids, positions.rows, positions.columns, positions.targets, positions.valid)
 
     @staticmethod
-    def _logps(model: Any, arrays: tuple[Any, ...], token_logps: Any, sequences: int) -> mx.array:
-        if len(arrays) == len(fields(SharedInputs)):
+    def _logps(model: Any, arrays: tuple[Any, ...], shared: bool, token_logps: Any, sequences: int) -> mx.array:
+        if shared:
             return shared_sequence_logps(model, SharedInputs(*arrays), token_logps, sequences)
         input_ids, rows, columns, targets, valid = arrays
         return sequence_logps(model, input_ids, Positions(rows, columns, targets, valid), token_logps)
@@ -212,18 +214,19 @@ class MlxBackend(Backend):
 
     def sequence_logps(self, batch: Batch, *, adapter: bool = True) -> np.ndarray:
         self.model.eval()
-        arrays = self._logps_inputs(batch)
+        shared = self._shares(batch)
+        arrays = self._logps_inputs(batch, shared)
         with self._adapter(adapter):
-            logps = self._logps(self.model, arrays, self._token_logps(), len(batch.response_lengths))
+            logps = self._logps(self.model, arrays, shared, self._token_logps(), len(batch.response_lengths))
             mx.eval(logps)
         return np.array(logps).astype(np.float64)
 
-    def _loss_function(self, objective: Objective, nll_weight: float):
+    def _loss_function(self, objective: Objective, nll_weight: float, shared: bool):
         token_logps = self._token_logps()
         ops = self.ops
 
         def loss(model, arrays, lengths, reference, has_reference, scale):
-            logps = self._logps(model, arrays, token_logps, lengths.shape[0])
+            logps = self._logps(model, arrays, shared, token_logps, lengths.shape[0])
             pairs = lengths.shape[0] // 2
             ref = reference if has_reference else None
             outputs = PolicyOutputs(
@@ -245,7 +248,7 @@ class MlxBackend(Backend):
     def _step_function(self, objective: Objective, nll_weight: float, train: bool, shared: bool):
         key = (id(objective), nll_weight, train, shared)
         if key not in self._compiled:
-            loss = self._loss_function(objective, nll_weight)
+            loss = self._loss_function(objective, nll_weight, shared)
             metric_names = sorted(
                 evaluate(
                     objective,
@@ -285,7 +288,7 @@ class MlxBackend(Backend):
     ):
         shared = self._shares(batch)
         step, names = self._step_function(objective, nll_weight, train, shared)
-        arrays = self._logps_inputs(batch)
+        arrays = self._logps_inputs(batch, shared)
         lengths = mx.array(batch.response_lengths.astype(np.float32))
         ref = mx.array(
             np.zeros(len(batch.response_lengths), np.float32)

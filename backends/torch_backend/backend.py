@@ -31,7 +31,7 @@ from backends.torch_backend.kernel import (
     shared_prompt_mask,
 )
 from backends.torch_backend.ops import TorchOps
-from core.batching import Batch, share_prompts
+from core.batching import Batch, share_prompts, sharing_pays
 from core.config import LoraConfig
 from core.distributed import SINGLE, Collective
 from core.errors import DuetError
@@ -141,7 +141,7 @@ def kernel_inputs(
     packed_tokens = int(
         (batch.prompt_lengths[:pairs] + batch.response_lengths[:pairs] + batch.response_lengths[pairs:]).sum()
     )
-    use = share is True or (share == "auto" and packed_tokens <= 0.8 * batch.input_ids.size)
+    use = share is True or (share == "auto" and sharing_pays(packed_tokens, batch.input_ids.size))
     if use:
         packed = share_prompts(batch, pad_id=0, pad_to_multiple_of=pad_to_multiple_of)
         return (

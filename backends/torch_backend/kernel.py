@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from core.batching import SharedPromptBatch
+
 
 class ChunkedTokenLogProbs(torch.autograd.Function):
     """log softmax(h Wᵀ + b)[target] for each row of h, in chunks of rows, accumulated in float32 (or float64
@@ -189,8 +191,8 @@ def shared_prompt_mask(segments: torch.Tensor) -> torch.Tensor:
     chosen one (both follow the same prompt)."""
     width = segments.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
-    keys = segments[:, None, :] != 0
-    crossing = (segments[:, :, None] == 3) & (segments[:, None, :] == 2)
+    keys = segments[:, None, :] != SharedPromptBatch.PADDING
+    crossing = (segments[:, :, None] == SharedPromptBatch.REJECTED) & (segments[:, None, :] == SharedPromptBatch.CHOSEN)
     return (causal & keys & ~crossing)[:, None]
 
 
