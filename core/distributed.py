@@ -67,15 +67,22 @@ class Collective:
         return tensor.cpu().numpy()
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        """Every rank's rows (a [n, k] float64 array, n differing by rank), concatenated in rank order."""
-        rows = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+        """Every rank's rows (a [n, k] float64 array, n differing by rank and possibly 0), concatenated in rank
+        order."""
+        rows = np.asarray(rows, dtype=np.float64)
+        if rows.ndim != 2:  # numbers are one-column rows (np.reshape cannot infer a width from 0 rows)
+            rows = rows.reshape(-1, 1) if rows.ndim == 1 else rows.reshape(len(rows), -1)
         if not self.enabled:
             return rows
         import torch
         import torch.distributed as dist
 
         counts = self.sum(np.eye(self.world_size)[self.rank] * len(rows)).astype(int)
-        padded = np.zeros((int(counts.max()), rows.shape[1]))
+        widths = self.sum(np.eye(self.world_size)[self.rank] * rows.shape[1]).astype(int)
+        if len({int(w) for w, n in zip(widths, counts, strict=True) if n}) > 1:
+            raise DistributedError(f"ranks gathered rows of different widths: {widths.tolist()}")
+        width = int(max((w for w, n in zip(widths, counts, strict=True) if n), default=rows.shape[1]))
+        padded = np.zeros((int(counts.max()), width))
         padded[: len(rows)] = rows
         pieces = [torch.zeros(padded.shape, dtype=torch.float64, device=self.device) for _ in range(self.world_size)]
         dist.all_gather(pieces, torch.from_numpy(padded).to(self.device))

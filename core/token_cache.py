@@ -3,11 +3,13 @@
 Rendering chat templates and tokenizing is the slow part of preparing a large data set (minutes for
 tens of thousands of pairs); the key is the pairs' own content, the tokenizer (its full serialized
 form), the chat template and the truncation settings, so a hit is always the very tokens a fresh
-tokenization would give.
+tokenization would give: the template is keyed on what it renders, which for some templates depends on
+the day.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from pathlib import Path
@@ -16,6 +18,7 @@ import numpy as np
 
 from core.atomic import remove_stale_temporaries, write_safetensors
 from core.data import PreferencePair
+from core.errors import TemplateError
 from core.tokenization import ChatTokenizer, TokenizedPair, TokenizeReport, tokenize_pairs
 
 REPORT_FIELDS = (
@@ -50,14 +53,40 @@ def tokenizer_fingerprint(chat: ChatTokenizer) -> str:
     return hashlib.sha256((described + special).encode()).hexdigest()
 
 
+_PROBE_CONVERSATION = (
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Hello"},
+    {"role": "assistant", "content": "Hi! How can I help?"},
+    {"role": "user", "content": "Tell me a joke."},
+)
+
+
+def template_fingerprint(chat: ChatTokenizer) -> str:
+    """The template's text and what it renders now. Some templates render more than the messages: Llama 3.x
+    writes today's date into the system turn (``strftime_now``), so the same text gives other tokens on another
+    day; keying on the rendering (and on the date, for a template that reads the clock but renders nothing of it
+    for the probe) makes such a change a cache miss, never stale tokens."""
+    parts = [chat.template]
+    for with_system in (True, False):
+        messages = list(_PROBE_CONVERSATION[0 if with_system else 1 :])
+        for generation_prompt in (True, False):
+            try:
+                parts.append(chat.render(messages, generation_prompt))
+            except TemplateError as exc:  # a template that refuses the probe (no system turn, say)
+                parts.append(f"refused: {exc}")
+    if "strftime_now" in chat.template:
+        parts.append(datetime.date.today().isoformat())
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
 def cache_key(
     pairs: list[PreferencePair], chat: ChatTokenizer, max_length: int, max_prompt_length: int | None, skip_invalid: bool
 ) -> str:
     parts = [
-        "duet-tokens-v1",
+        "duet-tokens-v2",
         pairs_fingerprint(pairs),
         tokenizer_fingerprint(chat),
-        hashlib.sha256(chat.template.encode()).hexdigest(),
+        template_fingerprint(chat),
         str(max_length),
         str(max_prompt_length),
         str(skip_invalid),

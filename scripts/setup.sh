@@ -12,5 +12,12 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install --quiet "${DUET_TORCH:-torch==2.13.0}"
 fi
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+# The versions the suite was last green with (constraints.txt), unless DUET_UNPINNED=1. A Python or platform
+# they do not exist for falls back to the newest compatible versions, saying so.
+if [ "${DUET_UNPINNED:-0}" != "1" ] && .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"; then
+    echo "installed the pinned versions of constraints.txt"
+else
+    [ "${DUET_UNPINNED:-0}" = "1" ] || echo "the pinned versions do not install here; installing the newest compatible ones"
+    .venv/bin/python -m pip install --quiet -e ".[dev]"
+fi
 echo "Duet is set up in .venv (activate it with: . .venv/bin/activate)"

@@ -82,3 +82,50 @@ def random_batch(vocab: int, rows: int = 4, width: int = 24, seed: int = 0):
         rejected = rng.integers(1, vocab, rng.integers(1, width - 9)).astype(np.int32)
         pairs.append(TokenizedPair(index, prompt, chosen, rejected))
     return collate(pairs, pad_id=0)
+
+
+def float64_throughout(model) -> None:
+    """Make every computation of a float64 Llama/Qwen2-style model float64. transformers computes rotary cos/sin
+    and RMSNorm (forward and backward) in float32 whatever the model's dtype, and a vectorized float32 kernel
+    rounds the same value differently depending on where it falls in the array: two layouts of the same tokens
+    would then differ by float32 rounding even in a float64 model, hiding what a float64 exactness check is
+    for. Default (unscaled) RoPE only."""
+    import types
+
+    import torch
+
+    def rotary(self, x, position_ids):
+        freqs = position_ids[..., None].to(torch.float64) * self.inv_freq.to(x.device, torch.float64)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
+
+    def rms_norm(self, hidden):
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
+
+    patched = {"RotaryEmbedding": 0, "RMSNorm": 0}
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RotaryEmbedding"):
+            assert getattr(module, "rope_type", "default") == "default", "default RoPE only"
+            module.forward = types.MethodType(rotary, module)
+            patched["RotaryEmbedding"] += 1
+        elif name.endswith("RMSNorm"):
+            module.forward = types.MethodType(rms_norm, module)
+            patched["RMSNorm"] += 1
+    assert all(patched.values()), f"not a Llama/Qwen2-style model: {patched}"
+
+
+def metric_bounds(key: str, rtol: float, beta: float, logps, per_token: int = 1) -> dict[str, float]:
+    """pytest.approx's bounds for one objective metric computed from float32 log-probs known to ``rtol``.
+
+    Log-prob means (and the NLL) are relative quantities: ``rtol``. Rewards, margins and the loss are β times
+    differences of summed log-probs (per token for dpo_norm and ipo: ``per_token`` is then the shortest reply):
+    float32 rounding of sums near, say, -1000 is of order 1e-4 of 1000, whatever the size of the difference, so
+    their error is bounded by β × rtol × twice the largest |log-prob| involved, not by rtol of the metric itself.
+    """
+    import numpy as np
+
+    if key.startswith("logps/") or key == "nll_loss":
+        return {"rel": rtol, "abs": 0.0}
+    return {"rel": rtol, "abs": rtol * beta * 2 * float(np.abs(logps).max()) / per_token}

@@ -73,3 +73,27 @@ def test_a_dying_rank_stops_the_job_and_the_job_resumes(tmp_path: Path):
     uninterrupted = torchrun("--config", str(config(tmp_path / "whole", batch_size=2)))
     assert uninterrupted.returncode == 0
     assert_same_run(folder, tmp_path / "whole", tolerance=1e-5)
+
+
+def test_warm_caches_under_torchrun(tmp_path: Path):
+    """The second torchrun job on the same data finds the reference log-probs and the tokens in the cache (rank 0
+    reads them, the other ranks receive them), trains the same adapter, and a job resumed on warm caches ends
+    the same way too."""
+    cache = str(tmp_path / "cache")
+    cold = torchrun("--config", str(config(tmp_path / "cold", batch_size=2, cache_dir=cache)))
+    assert cold.returncode == 0, cold.stdout[-2000:] + cold.stderr[-3000:]
+    assert "cache hit" not in cold.stdout
+    warm = torchrun("--config", str(config(tmp_path / "warm", batch_size=2, cache_dir=cache)))
+    assert warm.returncode == 0, warm.stdout[-2000:] + warm.stderr[-3000:]
+    assert "reference log-probs (train, 40 pairs): cache hit" in warm.stdout
+    assert "tokenized pairs: reused from the cache" in warm.stdout
+    assert_same_run(tmp_path / "warm", tmp_path / "cold", tolerance=1e-6)
+
+    folder = tmp_path / "resumed"
+    killed = torchrun(
+        "--config", str(config(folder, batch_size=2, cache_dir=cache)), fault="step.updated:3", fault_rank=1
+    )
+    assert killed.returncode != 0 and "cache hit" in killed.stdout
+    resumed = torchrun("--resume", str(run_dir(folder)))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert_same_run(folder, tmp_path / "cold", tolerance=1e-5)

@@ -1,10 +1,10 @@
 """The MLX backend (mlx[cpu] on Linux) against itself and against torch, on the same weights and batches.
 
 Tolerances (float32): MLX's kernel equals MLX's naive full-logits path to 1e-5 relative; log-probs agree
-with torch to 1e-4 relative; loss and every metric to 1e-4 relative. Rewards and margins are β times a
-difference of two log-probs of ~10 nats each, so their float32 rounding is set by those log-probs, not by
-the (small) difference: for them, 1e-4 relative to the metric or to β × the largest |log-prob| involved,
-whichever is larger. After 3 AdamW steps from the same LoRA weights, each LoRA tensor agrees to 1e-3
+with torch to 1e-4 relative; loss and every metric to 1e-4 relative. Rewards, margins and the loss are β times
+differences of log-probs, so their float32 rounding is set by those log-probs, not by the (small) difference:
+for them, 1e-4 relative to the metric or β × 1e-4 × twice the largest |log-prob| involved, whichever is larger
+(``tests.helpers.metric_bounds``). After 3 AdamW steps from the same LoRA weights, each LoRA tensor agrees to 1e-3
 relative (Frobenius norm of the difference over the norm of the tensor).
 """
 
@@ -28,7 +28,7 @@ from core.config import LoraConfig, ObjectiveConfig  # noqa: E402
 from core.data import load_preferences  # noqa: E402
 from core.objectives import build_objective  # noqa: E402
 from core.tokenization import ChatTokenizer, tokenize_pairs  # noqa: E402
-from tests.helpers import DEMO_MODEL, write_demo_subset  # noqa: E402
+from tests.helpers import DEMO_MODEL, metric_bounds, write_demo_subset  # noqa: E402
 
 LORA = LoraConfig(rank=4, alpha=8)
 
@@ -121,16 +121,14 @@ def test_loss_and_every_metric_agree_with_torch(backends, pair_batches, name: st
     ours = mlx_backend.evaluate(batch, objective, reference, nll_weight=0.5)
     theirs = torch_backend.evaluate(batch, objective, reference, nll_weight=0.5)
     assert ours.metrics.keys() == theirs.metrics.keys()
-    # rewards of reference-based objectives: β · (log πθ - log πref), per token for dpo_norm and ipo
-    logp_scale = 0.0
-    if not objective.is_reference_free:
-        logps = np.abs(np.concatenate([reference, torch_backend.sequence_logps(batch)]))
-        per = batch.response_lengths.min() if name in ("dpo_norm", "ipo") else 1
-        logp_scale = objective.beta * logps.max() / per
+    # rewards: β · (log πθ - log πref), per token for dpo_norm and ipo; SimPO and SFT: (β ·) log πθ per token
+    logps = np.concatenate([reference, torch_backend.sequence_logps(batch)])
+    per = int(batch.response_lengths.min()) if name in ("dpo_norm", "ipo", "simpo", "sft") else 1
+    beta = objective.beta if hasattr(objective, "beta") else 1.0
     for key, value in theirs.metrics.items():
-        floor = 1e-4 * logp_scale if key.startswith("rewards/") and key != "rewards/accuracies" else 0.0
-        assert ours.metrics[key] == pytest.approx(value, rel=1e-4, abs=floor), key
-    np.testing.assert_allclose(ours.margins, theirs.margins, rtol=1e-4, atol=1e-4 * logp_scale)
+        assert ours.metrics[key] == pytest.approx(value, **metric_bounds(key, 1e-4, beta, logps, per)), key
+    margin_slack = metric_bounds("rewards/margins", 1e-4, beta, logps, per)["abs"]
+    np.testing.assert_allclose(ours.margins, theirs.margins, rtol=1e-4, atol=margin_slack)
 
 
 def test_three_optimizer_steps_agree_with_torch(backends, pair_batches) -> None:
@@ -140,8 +138,10 @@ def test_three_optimizer_steps_agree_with_torch(backends, pair_batches) -> None:
         backend.setup_optimizer(weight_decay=0.01)
     for batch in pair_batches:
         reference = torch_backend.sequence_logps(batch, adapter=False)
+        logps = np.concatenate([reference, torch_backend.sequence_logps(batch)])
         results = [b.forward_backward(batch, objective, reference, 0.0, 1.0) for b in backends]
-        assert results[1].metrics["loss"] == pytest.approx(results[0].metrics["loss"], rel=1e-4)
+        bounds = metric_bounds("loss", 1e-4, objective.beta, logps)
+        assert results[1].metrics["loss"] == pytest.approx(results[0].metrics["loss"], **bounds)
         updates = [b.apply_gradients(lr=1e-3, max_grad_norm=1.0) for b in backends]
         assert updates[1].grad_norm == pytest.approx(updates[0].grad_norm, rel=1e-4)
     ours, theirs = mlx_backend.adapter_weights(), torch_backend.adapter_weights()
@@ -225,9 +225,11 @@ def test_a_training_step_with_shared_prompts_equals_one_without(backends, pair_b
     finally:
         mlx_backend.share_prompts = "auto"
         mlx_backend.discard_gradients()
+    logps = np.concatenate([reference, mlx_backend.sequence_logps(batch)])
     for key, value in results[1].metrics.items():
-        assert results[0].metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
-    np.testing.assert_allclose(results[0].margins, results[1].margins, rtol=1e-4, atol=1e-6)
+        assert results[0].metrics[key] == pytest.approx(value, **metric_bounds(key, 1e-4, objective.beta, logps)), key
+    slack = metric_bounds("rewards/margins", 1e-4, objective.beta, logps)["abs"]
+    np.testing.assert_allclose(results[0].margins, results[1].margins, rtol=1e-4, atol=slack)
     for name, expected in grads[1].items():
         np.testing.assert_allclose(
             grads[0][name], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(), err_msg=name

@@ -38,7 +38,8 @@ from core.errors import DuetError
 from core.models_io import ModelError, check_model_folder, load_tokenizer, resolve_model_path
 from core.objectives import Objective, PolicyOutputs, evaluate
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64 is not offered in configs: it exists so tests can check exactness where float32 rounding would hide it
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class OutOfMemory(DuetError):
@@ -279,8 +280,8 @@ class TorchBackend(Backend):
             except ValueError as exc:
                 raise BackendError(f"lora.target_modules {lora.target_modules!r}: {exc}") from None
         for parameter in self.model.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()  # fp32 master weights for the adapter
+            if parameter.requires_grad:  # master weights for the adapter: fp32, or the model's own if wider
+                parameter.data = parameter.data.to(torch.promote_types(parameter.dtype, torch.float32))
         causal_lm = self._causal_lm()
         vocab_size = causal_lm.get_output_embeddings().weight.shape[0]
         self._logps_module = ResponseLogProbs(causal_lm, chunk_positions(self.chunk_size, vocab_size), self._transform)
@@ -343,15 +344,16 @@ class TorchBackend(Backend):
     def sequence_logps(self, batch: Batch, *, adapter: bool = True) -> np.ndarray:
         self.model.eval()
         with out_of_memory_advice("the log-prob pass", batch), self._adapter_disabled(adapter):
-            # float32 on the device (MPS has no float64), float64 on the host
-            return self._row_logps(batch).float().cpu().numpy().astype(np.float64)
+            # to the host first: MPS has no float64
+            return self._row_logps(batch).cpu().to(torch.float64).numpy()
 
     def _objective(
         self, batch: Batch, logps: torch.Tensor, objective: Objective, reference: np.ndarray | None, nll_weight: float
     ):
         pairs = batch.num_pairs
-        lengths = torch.from_numpy(batch.response_lengths).to(self.device, dtype=torch.float32)
-        ref = None if reference is None else torch.from_numpy(np.asarray(reference)).to(self.device, torch.float32)
+        # float32, or the log-probs' own precision when wider (float64 checks of exactness)
+        lengths = torch.from_numpy(batch.response_lengths).to(self.device, dtype=logps.dtype)
+        ref = None if reference is None else torch.from_numpy(np.asarray(reference)).to(self.device, logps.dtype)
         outputs = PolicyOutputs(
             logps[:pairs],
             logps[pairs:],
@@ -364,7 +366,7 @@ class TorchBackend(Backend):
 
     def _step_result(self, batch: Batch, result) -> StepResult:
         metrics = {key: float(value) for key, value in result.metrics.items()}
-        margins = (result.chosen_rewards - result.rejected_rewards).float().cpu().numpy().astype(np.float64)
+        margins = (result.chosen_rewards - result.rejected_rewards).detach().cpu().to(torch.float64).numpy()
         return StepResult(metrics, margins, batch.num_pairs, batch.num_tokens)
 
     def forward_backward(

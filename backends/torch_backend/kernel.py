@@ -200,6 +200,7 @@ def naive_sequence_logps(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
 ) -> torch.Tensor:
     """The textbook computation, full ``[N, T, V]`` logits and their log-softmax: for tests and benchmarks."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32, or fp64 for float64 checks
     logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
     return (logps * loss_mask[:, 1:].to(logps.dtype)).sum(dim=1)
