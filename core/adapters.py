@@ -212,7 +212,7 @@ def mlx_tensors(adapter: Adapter, num_layers: int) -> tuple[dict[str, np.ndarray
 def write_mlx(folder: Path, adapter: Adapter, num_layers: int) -> None:
     """Write ``adapter`` in mlx-lm's format into ``folder`` (which exists)."""
     tensors, config = mlx_tensors(adapter, num_layers)
-    if adapter.base_model:
-        config["base_model"] = adapter.base_model
+    if adapter.base_model:  # mlx-lm's own adapters record the base under "model"; older Duet read "base_model"
+        config["model"] = config["base_model"] = adapter.base_model
     write_safetensors(folder / MLX_WEIGHTS, tensors)
     write_json(folder / CONFIG, config)

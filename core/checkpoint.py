@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core import __version__, faults
-from core.atomic import TEMP_PREFIX, atomic_directory, write_json, write_safetensors
+from core.atomic import TEMP_PREFIX, atomic_directory, write_json, write_safetensors, write_text
 from core.errors import DuetError
+from core.model_card import checkpoint_card
 
 if TYPE_CHECKING:
     from backends.base import Backend
@@ -76,6 +77,15 @@ def save_checkpoint(
     final = checkpoint_path(run_dir, state.step)
     with atomic_directory(final, replace=True) as folder:
         backend.save_adapter(folder)
+        card = checkpoint_card(
+            base_model=getattr(backend, "model_location", "") or "unknown",
+            step=state.step,
+            total_steps=state.total_steps,
+            checkpoint=final,
+            run_dir=run_dir,
+            backend=backend.name,
+        )
+        write_text(folder / "README.md", card)  # Duet's card, not the template PEFT's save_pretrained writes
         faults.reach("checkpoint.adapter")
         arrays, scalars = backend.optimizer_state()
         write_safetensors(folder / "optimizer.safetensors", arrays)

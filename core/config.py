@@ -23,20 +23,44 @@ DEFAULT_BETA = {"dpo": 0.1, "dpo_norm": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 
 DEFAULT_SIMPO_GAMMA_BETA_RATIO = 0.5
 
 
+# Every field carries one line of help in its metadata: ``duet config`` and ``python -m core.run --help`` list
+# the keys from it, so the listing cannot drift from the dataclasses (a test checks that none lacks help).
+
+
+def about(help: str) -> dict[str, str]:
+    return {"help": help}
+
+
+def option(default: Any, help: str) -> Any:
+    """A field with an immutable default and its help (mutable defaults: ``field(default_factory=...)``)."""
+    return field(default=default, metadata=about(help))
+
+
 @dataclass
 class ModelConfig:
-    path: str = "demo"  # local folder, hub id, or "demo" (the built-in tiny chat model)
-    backend: Literal["auto", "torch", "mlx"] = "auto"
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # torch backend only
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, else fp32
-    adapter: str | None = None  # start from an existing adapter (PEFT or mlx-lm folder)
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
-    # reply positions per LM-head chunk in the log-prob kernel; auto: as many as keep one chunk's logits
-    # near 128 MiB (128 for a 152k vocabulary, 1024 for 32k)
-    logprob_chunk_size: int | Literal["auto"] = "auto"
-    # compute each pair's prompt once (torch: one packed row; MLX: its keys and values reused); auto: when it saves work
-    share_prompts: bool | Literal["auto"] = "auto"
+    path: str = option(
+        "demo", 'local model folder, hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), or "demo" (the built-in tiny chat model)'
+    )
+    backend: Literal["auto", "torch", "mlx"] = option(
+        "auto", "torch or mlx; auto: MLX on Apple silicon, torch elsewhere"
+    )
+    device: Literal["auto", "cuda", "mps", "cpu"] = option(
+        "auto", "torch backend only: cuda, mps or cpu; auto: the first of them this machine has"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "weights and compute dtype; auto: bfloat16 on CUDA, else float32"
+    )
+    adapter: str | None = option(None, "start from an existing adapter (PEFT or mlx-lm folder); null: a fresh LoRA")
+    trust_remote_code: bool = option(False, "let a model folder's own Python code run (only for models you trust)")
+    gradient_checkpointing: bool = option(
+        False, "recompute activations in the backward pass: less memory, slower steps"
+    )
+    logprob_chunk_size: int | Literal["auto"] = option(
+        "auto", "reply positions per LM-head chunk in the log-prob kernel; auto: a chunk's logits near 128 MiB"
+    )
+    share_prompts: bool | Literal["auto"] = option(
+        "auto", "compute each pair's prompt once for both replies; auto: when it saves work"
+    )
 
     def validate(self) -> None:
         if self.logprob_chunk_size != "auto":
@@ -47,17 +71,34 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "demo"  # a file, dataset folder, hub id, or "demo" (the bundled preference set)
-    eval: str | None = None  # a separate eval set; else eval_fraction of train is held out
-    eval_fraction: float = 0.0
-    format: str = "auto"
-    columns: dict[str, str] = field(default_factory=dict)  # Duet name → your column name
-    split: str = "train"
-    skip_invalid: bool = False
-    drop_duplicates: bool = False  # identical pairs otherwise count twice (a warning says so)
-    chat_template: str = "auto"  # auto | plain | chatml | path to a .jinja file | the template itself
-    max_length: int = 1024
-    max_prompt_length: int | None = 512
+    train: str = option("demo", 'training data: a file, dataset folder, hub id, or "demo" (the bundled preference set)')
+    eval: str | None = option(
+        None, "a separate eval set (same forms as data.train); null: hold out data.eval_fraction of train"
+    )
+    eval_fraction: float = option(
+        0.0, "share of the training pairs held out for evaluation when data.eval is null (0: none)"
+    )
+    format: str = option(
+        "auto",
+        "auto (detected from the rows), or sharegpt, llamafactory_v1, ultrafeedback, conversational, explicit, "
+        "alpaca, implicit or hh_rlhf",
+    )
+    columns: dict[str, str] = field(
+        default_factory=dict,
+        metadata=about("your column names for Duet's, e.g. {prompt: question, chosen: answer_good}"),
+    )
+    split: str = option("train", "the split to read from a dataset folder or hub id")
+    skip_invalid: bool = option(False, "skip bad rows (counted in the report) instead of stopping at the first")
+    drop_duplicates: bool = option(False, "drop repeated identical pairs (otherwise they count twice, with a warning)")
+    chat_template: str = option(
+        "auto", "auto (the tokenizer's) | plain | chatml | path to a .jinja file | the template itself"
+    )
+    max_length: int = option(
+        1024, "most tokens of prompt + reply; longer pairs are cut (prompts from the left, replies from the right)"
+    )
+    max_prompt_length: int | None = option(
+        512, "most prompt tokens (cut from the left); null: only data.max_length limits it"
+    )
 
     def validate(self) -> None:
         from core.data.formats import FORMATS_BY_NAME
@@ -101,12 +142,16 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    # "all-linear": every linear projection of the transformer blocks (attention and MLP), not the LM head
-    target_modules: list[str] | str = "all-linear"
-    layers: int | None = None  # adapt only the last N blocks (None: all)
+    rank: int = option(16, "LoRA rank r")
+    alpha: float = option(32.0, "LoRA alpha: the update is scaled by alpha / rank")
+    dropout: float = option(0.0, "dropout on the LoRA layers' input, in [0, 1)")
+    target_modules: list[str] | str = field(
+        default="all-linear",
+        metadata=about(
+            "all-linear (every linear layer of the blocks, not the LM head) or module names, e.g. [q_proj, v_proj]"
+        ),
+    )
+    layers: int | None = option(None, "adapt only the last N transformer blocks; null: all of them")
 
     def validate(self) -> None:
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
@@ -123,13 +168,17 @@ class LoraConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft"] = "dpo"
-    beta: float | None = None  # None: the objective's usual value (0.1; SimPO 2.0)
-    gamma: float | None = None  # SimPO's target margin, absolute
-    gamma_beta_ratio: float | None = None  # or relative to beta (SimPO's paper): gamma = ratio × beta
-    label_smoothing: float = 0.0  # ε, the assumed rate of flipped preference labels (cDPO)
-    robust: bool = False  # with label_smoothing: robust DPO's unbiased loss instead of cDPO's
-    nll_weight: float = 0.0  # weight of the per-token NLL on chosen replies added to the loss
+    name: Literal["dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft"] = option(
+        "dpo", "the loss: dpo, dpo_norm (length-normalized DPO), simpo, ipo, hinge, or sft (chosen replies only)"
+    )
+    beta: float | None = option(None, "the preference strength β; null: the objective's usual value (0.1; SimPO 2.0)")
+    gamma: float | None = option(None, "SimPO only: the target reward margin γ, absolute")
+    gamma_beta_ratio: float | None = option(
+        None, "SimPO only: γ relative to β, γ = ratio × β (null: 0.5, unless gamma is set)"
+    )
+    label_smoothing: float = option(0.0, "ε, the assumed rate of flipped preference labels (cDPO), in [0, 0.5)")
+    robust: bool = option(False, "with label_smoothing: robust DPO's unbiased loss instead of cDPO's")
+    nll_weight: float = option(0.0, "weight of a per-token NLL loss on the chosen replies, added to the objective")
 
     def validate(self) -> None:
         if self.beta is not None and self.name != "sft":
@@ -166,29 +215,34 @@ class ObjectiveConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 4  # pairs per optimizer micro-step
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    lr: float = 5e-5
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int | None = None
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    group_by_length: bool = True
-    eval_every: int | None = None  # steps; None: only at the end
-    save_every: int | None = None  # steps; None: only at the end
-    log_every: int = 1
-    keep_checkpoints: int = 2  # newest checkpoints kept in the run directory
-    output_dir: str = "runs"
-    cache_dir: str | None = None  # reference log-probs and other caches; None: ~/.cache/duet
-    run_name: str | None = None  # None: a timestamp
-    nonfinite: Literal["stop", "skip"] = "stop"  # what to do when a loss or gradient is NaN/inf
-    # under torchrun: how long a rank waits on the others before the job fails (a dead rank, a hung node)
-    distributed_timeout: float = 600.0
-    max_skipped_steps: int = 10
+    batch_size: int = option(4, "pairs per optimizer micro-step")
+    grad_accum: int = option(1, "micro-steps accumulated into each optimizer step")
+    epochs: float = option(1.0, "passes over the training pairs (fractions allowed); train.max_steps overrides it")
+    max_steps: int | None = option(
+        None, "optimizer steps to train; overrides train.epochs (null: as many as the epochs take)"
+    )
+    lr: float = option(5e-5, "peak learning rate (AdamW)")
+    schedule: Literal["cosine", "linear", "constant"] = option(
+        "cosine", "learning-rate decay after the warm-up: cosine, linear or constant"
+    )
+    warmup_steps: int | None = option(None, "warm-up steps; null: train.warmup_ratio of all steps")
+    warmup_ratio: float = option(0.1, "share of the steps spent warming up when train.warmup_steps is null")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float | None = option(1.0, "clip the gradient norm to this; null: no clipping")
+    seed: int = option(0, "seed for the LoRA initialization, the data order and dropout")
+    group_by_length: bool = option(True, "batch pairs of similar length together (less padding)")
+    eval_every: int | None = option(None, "evaluate every N steps; null: only at the end")
+    save_every: int | None = option(None, "write a checkpoint every N steps; null: only at the end")
+    log_every: int = option(1, "log training metrics every N steps")
+    keep_checkpoints: int = option(2, "newest checkpoints kept in the run directory")
+    output_dir: str = option("runs", "the folder run directories are created in")
+    cache_dir: str | None = option(None, "reference log-probs and token caches; null: ~/.cache/duet")
+    run_name: str | None = option(None, "the run directory's name; null: a timestamp")
+    nonfinite: Literal["stop", "skip"] = option("stop", "when a loss or gradient is NaN/inf: stop, or skip the step")
+    distributed_timeout: float = option(
+        600.0, "under torchrun: seconds a rank waits for the others before the job fails"
+    )
+    max_skipped_steps: int = option(10, "with train.nonfinite=skip: fail once more steps than this were skipped")
 
     def validate(self) -> None:
         _positive("train.batch_size", self.batch_size)
@@ -218,11 +272,15 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=about("the base model and where it runs"))
+    data: DataConfig = field(default_factory=DataConfig, metadata=about("the preference data and how it is tokenized"))
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata=about("the LoRA adapter trained"))
+    objective: ObjectiveConfig = field(
+        default_factory=ObjectiveConfig, metadata=about("the preference objective and its hyper-parameters")
+    )
+    train: TrainConfig = field(
+        default_factory=TrainConfig, metadata=about("optimization, evaluation, checkpoints and output")
+    )
 
     def validate(self) -> Config:
         for section in (self.model, self.data, self.lora, self.objective, self.train):
@@ -234,6 +292,58 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Listing: every key, its default and its help, generated from the dataclasses above
+
+
+@dataclass(frozen=True)
+class ConfigOption:
+    key: str  # dotted, e.g. train.max_steps
+    default: Any
+    help: str
+
+
+def config_sections() -> list[tuple[str, str, list[ConfigOption]]]:
+    """(section name, its help, its options) for every section of ``Config``, in declaration order."""
+    defaults = Config()
+    sections = []
+    for part in dataclasses.fields(Config):
+        values = getattr(defaults, part.name)
+        options = [
+            ConfigOption(f"{part.name}.{f.name}", getattr(values, f.name), f.metadata.get("help", ""))
+            for f in dataclasses.fields(values)
+        ]
+        sections.append((part.name, part.metadata.get("help", ""), options))
+    return sections
+
+
+def yaml_value(value: Any) -> str:
+    """A value as it is written in YAML or a key=value override (null, true, [q_proj, v_proj], {})."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).removesuffix("...\n").strip()
+
+
+def config_keys_text() -> str:
+    """Every key with its default and help, aligned in columns, one section after another."""
+    sections = config_sections()
+    options = [option for _, _, part in sections for option in part]
+    key_width = max(len(option.key) for option in options)
+    value_width = max(len(yaml_value(option.default)) for option in options)
+    lines = []
+    for name, help, part in sections:
+        lines.append(f"{name}: {help}")
+        lines += [f"  {o.key:<{key_width}}  {yaml_value(o.default):<{value_width}}  {o.help}" for o in part]
+    return "\n".join(lines)
+
+
+def config_yaml() -> str:
+    """A complete config file with every default, each key commented with its help."""
+    lines = ["# Duet run configuration: every key at its default (python -m core.run --config this.yaml)."]
+    for name, help, part in config_sections():
+        lines.append(f"{name}:  # {help}")
+        lines += [f"  {o.key.split('.', 1)[1]}: {yaml_value(o.default)}  # {o.help}" for o in part]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------

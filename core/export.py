@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.adapters import Adapter, AdapterError, read_adapter, write_mlx, write_peft
 from core.atomic import atomic_directory, recover, write_json
-from core.checkpoint import latest_checkpoint
+from core.checkpoint import STATE_FILE, latest_checkpoint, read_state
 
 FORMATS = ("peft", "mlx", "merged")
 # Files a merged model folder takes from its base model besides the weights.
@@ -31,24 +32,61 @@ MODEL_FILES = (
 )
 
 
-def adapter_source(path: str | Path) -> tuple[Path, str | None]:
-    """(adapter folder, base model from the run's config if known) for a run directory, checkpoint or adapter."""
+@dataclass
+class AdapterSource:
+    """Where an export reads its adapter from, and which training step that adapter is."""
+
+    folder: Path
+    base_model: str | None = None  # the run's model, when the source is a run or one of its checkpoints
+    step: int | None = None  # optimizer steps the adapter was trained for, when known
+    total_steps: int | None = None
+    checkpoint: bool = False  # a checkpoint, not a finished run's final adapter
+    newest: bool = False  # the newest checkpoint of a run that has no final adapter (stopped or still training)
+
+    def describe(self) -> str:
+        if self.step is None:
+            return f"the adapter in {self.folder}"
+        if self.newest:
+            return (
+                f"the newest checkpoint, step {self.step} of {self.total_steps} (the run has no final adapter), "
+                f"in {self.folder}"
+            )
+        what = "checkpoint" if self.checkpoint else "final adapter"
+        return f"the {what} at step {self.step} of {self.total_steps}, in {self.folder}"
+
+
+def adapter_source(path: str | Path) -> AdapterSource:
+    """The adapter of a run directory (its final adapter, else its newest checkpoint), a checkpoint, or an
+    adapter folder."""
     path = Path(path).expanduser()
     if not path.exists():
         raise AdapterError(f"{path}: no such run, checkpoint or adapter folder.")
-    base = None
-    run_config = path / "config.yaml"
-    if run_config.is_file():
-        import yaml
+    if (path / STATE_FILE).is_file():  # a checkpoint given directly (its adapter records the base model)
+        return _with_step(AdapterSource(path, checkpoint=True), path)
+    if not (path / "config.yaml").is_file():
+        return AdapterSource(path)
+    base = _run_model(path)
+    if (path / "adapter").is_dir():
+        return _with_step(AdapterSource(path / "adapter", base), latest_checkpoint(path))
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None:
+        raise AdapterError(f"{path}: this run has no final adapter and no checkpoint yet.")
+    return _with_step(AdapterSource(checkpoint, base, checkpoint=True, newest=True), checkpoint)
 
-        base = (yaml.safe_load(run_config.read_text()) or {}).get("model", {}).get("path")
-        if (path / "adapter").is_dir():
-            return path / "adapter", base
-        checkpoint = latest_checkpoint(path)
-        if checkpoint is None:
-            raise AdapterError(f"{path}: this run has no final adapter and no checkpoint yet.")
-        return checkpoint, base
-    return path, base
+
+def _run_model(run_dir: Path) -> str | None:
+    import yaml
+
+    return (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("model", {}).get("path")
+
+
+def _with_step(source: AdapterSource, checkpoint: Path | None) -> AdapterSource:
+    """The step of a checkpoint; for a final adapter, the run's total (its newest checkpoint says how many)."""
+    if checkpoint is not None:
+        state = read_state(checkpoint)
+        source.total_steps = state.total_steps
+        source.step = state.step if source.checkpoint else state.total_steps
+    return source
 
 
 def resolve_base_model(adapter: Adapter, base_model: str | None) -> Path:
@@ -80,17 +118,31 @@ def num_hidden_layers(model_folder: Path) -> int:
     raise AdapterError(f"{model_folder}/config.json: cannot tell how many layers the model has.")
 
 
+@dataclass
+class ExportResult:
+    out: Path
+    source: AdapterSource  # what was exported: its folder and, for a run or checkpoint, its step
+
+
 def export(source: str | Path, to: str, out: str | Path, *, base_model: str | None = None, force: bool = False) -> Path:
     """Write the adapter found at ``source`` to ``out`` as ``to`` (peft | mlx | merged). Returns ``out``."""
+    return export_adapter(source, to, out, base_model=base_model, force=force).out
+
+
+def export_adapter(
+    source: str | Path, to: str, out: str | Path, *, base_model: str | None = None, force: bool = False
+) -> ExportResult:
+    """``export``, also saying what was exported: a stopped run's newest checkpoint is named with its step."""
     if to not in FORMATS:
         raise AdapterError(f"--to {to}: choose one of {', '.join(FORMATS)}.")
     out = Path(out).expanduser()
     recover(out)  # an export that was killed while replacing this folder left the previous one aside
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise AdapterError(f"{out} exists and is not empty; choose another folder or pass --force to replace it.")
-    folder, run_base = adapter_source(source)
+    found = adapter_source(source)
+    folder = found.folder
     adapter = read_adapter(folder)
-    model = resolve_base_model(adapter, base_model or run_base)
+    model = resolve_base_model(adapter, base_model or found.base_model)
     adapter.base_model = adapter.base_model or str(model)
     layers = num_hidden_layers(model)
     with atomic_directory(out, replace=True) as temporary:
@@ -103,7 +155,7 @@ def export(source: str | Path, to: str, out: str | Path, *, base_model: str | No
         readme = folder / "README.md"
         if to != "merged" and readme.is_file():
             shutil.copyfile(readme, temporary / "README.md")
-    return out
+    return ExportResult(out, found)
 
 
 def write_merged(folder: Path, model: Path, adapter: Adapter) -> None:

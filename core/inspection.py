@@ -16,7 +16,7 @@ from rich.text import Text
 
 from core.batching import padding_fraction, plan_batches
 from core.data import LoadReport, PreferencePair, load_preferences
-from core.data.load import display_path
+from core.data.load import MAX_EXAMPLES, display_path
 from core.errors import DataError
 from core.tokenization import ChatTokenizer, TokenizedPair, TokenizeReport, tokenize_pairs
 
@@ -48,9 +48,10 @@ def inspect_data(
     chat_template: str | None = "auto",
     max_length: int = 1024,
     max_prompt_length: int | None = 512,
+    max_examples: int | None = MAX_EXAMPLES,
 ) -> Inspection:
     pairs, load_report = load_preferences(
-        source, format=format, columns=columns, split=split, skip_invalid=skip_invalid
+        source, format=format, columns=columns, split=split, skip_invalid=skip_invalid, max_examples=max_examples
     )
     chat_tokenizer = ChatTokenizer(tokenizer, chat_template)
     tokenized, tokenize_report = tokenize_pairs(
@@ -201,6 +202,7 @@ def run_inspect(
         chat_template=chat_template,
         max_length=max_length,
         max_prompt_length=max_prompt_length,
+        max_examples=None,  # every bad row: data errors point here to list them
     )
     console.print(summary(inspection, batch_size=batch_size))
     if not inspection.tokenized:

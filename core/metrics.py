@@ -1,7 +1,7 @@
 """Metric events and where they go: ``metrics.jsonl``, the console, and Python callbacks.
 
 Every event is a flat JSON object with a ``type`` (start, reference, train, eval, checkpoint, warning,
-stopped, end, error) and TRL's metric names (``loss``, ``rewards/margins``, ``eval_rewards/accuracies``...).
+stopped, end, error, progress) and TRL's metric names (``loss``, ``rewards/margins``, ``eval_rewards/accuracies``...).
 """
 
 from __future__ import annotations
@@ -110,10 +110,16 @@ class ConsoleReporter:
         self.every_seconds = every_seconds
         self._progress: Progress | None = None
         self._task: Any = None
+        self._phase_bar: Progress | None = None  # a long phase's bar before training starts
+        self._phase_task: Any = None
         self._last_line = 0.0
 
     def __call__(self, event: Event) -> None:
         kind = event.get("type")
+        if kind != "progress":  # anything else ends a phase's bar first (it is transient: nothing is left)
+            self._stop_phase()
+        if kind in ("stopped", "error", "end"):  # the run is over: its progress line goes above this message
+            self._stop_progress()
         if kind == "start":
             self._print(event["message"])
             self._start(event)
@@ -131,8 +137,9 @@ class ConsoleReporter:
         elif kind in ("reference", "checkpoint", "stopped", "info"):
             self._print(Text(event["message"]))
         elif kind == "end":
-            self._stop_progress()
             self._print(Text(event["message"], style="bold green"))
+        elif kind == "progress":
+            self._phase(event)
 
     def _print(self, text: Text | str) -> None:
         # Text, never markup: messages carry paths and names with brackets that rich would read as tags
@@ -175,10 +182,53 @@ class ConsoleReporter:
                 f"ETA {format_duration(event.get('eta'))}"
             )
 
+    def _phase(self, event: Event) -> None:
+        """A long phase's bar: its own transient bar before training, the training bar's status during it,
+        a line every ``every_seconds`` in a log (the phase's own closing message follows it)."""
+        finished = event["done"] >= event["total"]
+        if self._progress is not None and self._task is not None:  # evaluation during training
+            self._progress.update(self._task, status="" if finished else event["message"])
+            return
+        if not self.console.is_terminal:
+            now = time.monotonic()
+            if not finished and now - self._last_line >= self.every_seconds:
+                self._last_line = now
+                self._print(event["message"])
+            return
+        if self._phase_bar is None:
+            self._phase_bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} {task.fields[unit]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA {task.fields[eta]}"),
+                console=self.console,
+                transient=True,
+            )
+            self._phase_bar.start()
+            self._phase_task = self._phase_bar.add_task(
+                event["label"], total=event["total"], unit=event["unit"], eta="?"
+            )
+        self._phase_bar.update(
+            self._phase_task,
+            description=event["label"],
+            completed=event["done"],
+            total=event["total"],
+            eta=format_duration(event.get("eta")),
+        )
+        if finished:
+            self._stop_phase()
+
+    def _stop_phase(self) -> None:
+        if self._phase_bar is not None:
+            self._phase_bar.stop()
+            self._phase_bar = None
+
     def _stop_progress(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
 
     def close(self) -> None:
+        self._stop_phase()
         self._stop_progress()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from core import __version__
@@ -61,4 +62,27 @@ from peft import PeftModel
 
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base_model}"), "path/to/this/folder")
 ```
+"""
+
+
+def checkpoint_card(
+    *, base_model: str, step: int, total_steps: int, checkpoint: Path, run_dir: Path, backend: str
+) -> str:
+    """The README of a checkpoint's adapter (instead of PEFT's 200-line template): what it is, how to use it."""
+    library = "peft" if backend == "torch" else "mlx"
+    return f"""---
+library_name: {library}
+base_model: {base_model}
+tags: [duet, lora, checkpoint]
+---
+
+# Duet checkpoint: step {step} of {total_steps}
+
+A LoRA adapter saved during training ({backend} backend, Duet {__version__}), with the optimizer, RNG and
+trainer state a resumed run continues from. It is not the final adapter: a finished run writes that to
+`{run_dir / "adapter"}`, with a card of its training and final metrics.
+
+- Base model: `{base_model}`
+- Resume the run: `python -m core.run --resume {run_dir}`
+- Export this checkpoint: `duet export {checkpoint} --to peft OUT` (or `--to mlx`, `--to merged`)
 """

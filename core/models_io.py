@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,73 @@ def resolve_model_path(path: str) -> str:
         return str(local.resolve())
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise ModelError(f"model {path}: no such folder.")
+    check_hub(path)
     return path  # a hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct
+
+
+HUB_TIMEOUT = 3.0  # seconds the hub gets to answer before it counts as unreachable
+
+
+def check_hub(repo_id: str) -> None:
+    """Fail at once, not after minutes of retries, when the hub cannot be reached and ``repo_id`` is not in
+    the local HF cache. A cached model is used offline: huggingface_hub is switched to offline mode so that
+    transformers reads the cache without trying the network first."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE and hub_reachable(constants.ENDPOINT):
+        return
+    offline = constants.HF_HUB_OFFLINE
+    if is_cached(repo_id):
+        constants.HF_HUB_OFFLINE = True  # huggingface_hub and transformers read this flag on every call
+        return
+    why = "HF_HUB_OFFLINE is set" if offline else f"no answer from {constants.ENDPOINT} within {HUB_TIMEOUT:g} s"
+    raise ModelError(
+        f"model {repo_id}: the Hugging Face hub cannot be reached ({why}) and this model is not in the local "
+        "HF cache. Pass a local model folder (model.path=/path/to/model), or "
+        f"{'unset HF_HUB_OFFLINE' if offline else 'connect to the network'} so it can be downloaded."
+    )
+
+
+_REACHED: set[str] = set()  # endpoints that answered once (a failure is asked again: the network may come back)
+
+
+def hub_reachable(endpoint: str, timeout: float = HUB_TIMEOUT) -> bool:
+    """Whether ``endpoint`` answers an HTTP request within ``timeout`` seconds (through any configured proxy).
+
+    Asked in a thread: a name lookup that hangs is not bounded by the request's own timeout."""
+    from huggingface_hub.utils import get_session
+
+    if endpoint in _REACHED:
+        return True
+
+    done, answered = threading.Event(), []
+
+    def probe() -> None:
+        try:
+            get_session().head(endpoint, timeout=timeout)
+            answered.append(True)
+        except Exception:  # any failure to connect (DNS, refused, TLS, timeout) means unreachable
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=probe, daemon=True).start()
+    done.wait(timeout)
+    if answered:
+        _REACHED.add(endpoint)
+    return bool(answered)
+
+
+def is_cached(repo_id: str) -> bool:
+    """Whether the HF cache holds this model (its config or tokenizer config at the main revision)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(
+            isinstance(try_to_load_from_cache(repo_id, name), str) for name in ("config.json", "tokenizer_config.json")
+        )
+    except ValueError:  # not a valid repo id
+        return False
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

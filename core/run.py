@@ -36,6 +36,7 @@ from core.metrics import ConsoleReporter, Event, MetricsLog, read_metrics, trunc
 from core.model_card import model_card
 from core.objectives import build_objective
 from core.prepare import PreparedData, prepare_data
+from core.progress import PhaseProgress
 from core.reference import ReferenceLogps, load_or_compute, reference_key
 from core.rundir import RunDirectory, RunDirError
 from core.trainer import RunControl, TrainData, schedule_length, train
@@ -200,6 +201,8 @@ def _references(
             continue
         key = reference_key(model_fp, pairs, backend.info().dtype, adapter_fp)
         started = time.perf_counter()
+        label = f"reference log-probs ({name})"
+        progress = PhaseProgress(emit, "reference", label, len(collective.shard(pairs)))
         reference, hit = load_or_compute(
             backend,
             pairs,
@@ -209,6 +212,7 @@ def _references(
             pad_id=data.chat.pad_id,
             adapter=bool(start_adapter),
             pad_to_multiple_of=pad_multiple,
+            progress=progress,
             collective=collective,
         )
         where = cache / "reference" / f"{key}.safetensors"
@@ -587,9 +591,14 @@ def _demo_report(backend, data: PreparedData, emit: _Events) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from core.config import config_keys_text
+
     parser = argparse.ArgumentParser(
         prog="python -m core.run",
         description="Train a LoRA adapter with a preference objective (no arguments: the built-in demo).",
+        epilog="config keys, set as key=value or in the --config file (`duet config --yaml` prints a commented\n"
+        f"file with every default):\n{config_keys_text()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config file (default: the demo's models/demo/run.yaml)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +24,7 @@ from core.distributed import SINGLE, Collective
 from core.errors import DuetError
 from core.metrics import Callback, format_duration
 from core.objectives import Objective
+from core.progress import PhaseProgress
 from core.reference import ReferenceLogps
 from core.schedule import learning_rate, warmup_steps
 from core.tokenization import TokenizedPair
@@ -144,8 +145,10 @@ def evaluate_split(
     pad_id: int,
     pad_to_multiple_of: int = 1,
     collective: Collective = SINGLE,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics over a whole split (pair-weighted means) and every pair's margin; each rank takes its share."""
+    """Metrics over a whole split (pair-weighted means) and every pair's margin; each rank takes its share.
+    ``progress(done, total)`` follows this rank's pairs."""
     mine = collective.shard(sorted(range(len(pairs)), key=lambda i: -pairs[i].length))
     results = []
     size = config.train.batch_size
@@ -154,6 +157,8 @@ def evaluate_split(
         ref = None if reference is None else reference.for_batch(batch.pair_indices)
         results.append(backend.evaluate(batch, objective, ref, config.objective.nll_weight))
         faults.reach("eval.batch")
+        if progress is not None:
+            progress(min(start + size, len(mine)), len(mine))
     if not results:  # a rank with no evaluation pairs still takes part in the sums
         results = [StepResultShape.empty(objective, config)]
     metrics, margins, _, _ = reduce_results(results, collective)
@@ -351,6 +356,7 @@ def train(
                     data.pad_id,
                     data.pad_to_multiple_of,
                     collective,
+                    PhaseProgress(emit, "eval", f"evaluation at step {state.step}", len(data.eval)),
                 )
                 emit(
                     {

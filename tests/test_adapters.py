@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from core.adapters import AdapterError, read_adapter
+from core.adapters import Adapter, AdapterError, read_adapter, write_mlx
 from core.cli import main as duet
 from core.errors import DuetError
 from core.export import export
@@ -83,6 +84,8 @@ def test_a_torch_adapter_exported_to_mlx_gives_the_same_logits_in_mlx_lm(torch_r
 def test_an_mlx_run_saves_mlx_lm_format_that_mlx_lm_loads_and_generates_with(mlx_run) -> None:
     adapter = mlx_run.adapter_dir
     assert (adapter / "adapters.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["model"] == config["base_model"] == str(Path(DEMO_MODEL).resolve())  # mlx-lm's key, and ours
     model, tokenizer = mlx_load(str(DEMO_MODEL), adapter_path=str(adapter))
     text = mlx_generate(
         model, tokenizer, "<|im_start|>user\nName a tree.<|im_end|>\n<|im_start|>assistant\n", max_tokens=8
@@ -164,3 +167,14 @@ def test_wrong_base_model_is_named(torch_run, tmp_path) -> None:
     with pytest.raises(AdapterError, match=r"has shape .* but the adapter's update has .*another base model"):
         export(torch_run.adapter_dir, "merged", tmp_path / "m", base_model=str(wrong))
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".tmp-*"))  # failed inside: nothing left
+
+
+def test_mlx_adapters_record_the_base_model_under_mlx_lms_key(tmp_path) -> None:
+    """mlx-lm's own adapter_config.json names the base model under "model"; tools that follow it find ours."""
+    module = "model.layers.0.self_attn.q_proj"
+    adapter = Adapter({module: np.ones((2, 8), np.float32)}, {module: np.ones((8, 2), np.float32)}, 2, 2.0)
+    adapter.base_model = "Qwen/Qwen2.5-0.5B-Instruct"
+    write_mlx(tmp_path, adapter, num_layers=1)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["model"] == config["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert read_adapter(tmp_path).base_model == "Qwen/Qwen2.5-0.5B-Instruct"

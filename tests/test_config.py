@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
-from core.config import Config, load_config
+from core.config import Config, config_yaml, load_config, yaml_value
 from core.errors import ConfigError
 
 
@@ -94,3 +96,59 @@ def test_the_kernel_chunk_size_is_auto_or_a_number() -> None:
         assert chosen * vocab <= CHUNK_LOGITS or chosen == 32
         assert chosen == 4096 or 2 * chosen * vocab > CHUNK_LOGITS
     assert chunk_positions(300, 151_936) == 300
+
+
+def _every_field() -> list[tuple[str, dataclasses.Field]]:
+    """(dotted key, field) for every section and every key of every section."""
+    found = []
+    for part in dataclasses.fields(Config):
+        found.append((part.name, part))
+        found += [(f"{part.name}.{f.name}", f) for f in dataclasses.fields(getattr(Config(), part.name))]
+    return found
+
+
+def test_every_config_field_has_one_line_of_help() -> None:
+    for key, spec in _every_field():
+        text = spec.metadata.get("help", "")
+        assert text.strip() and "\n" not in text, f"{key} has no one-line help text (option(default, help))"
+
+
+def test_every_key_is_listed_with_its_default_and_help(capsys) -> None:
+    from core.cli import main as duet
+    from core.run import build_parser
+
+    listings = {"duet config": None, "python -m core.run --help": build_parser().format_help()}
+    assert duet(["config"]) == 0
+    listings["duet config"] = capsys.readouterr().out
+    defaults = Config()
+    for name, text in listings.items():
+        lines = text.splitlines()
+        for key, spec in _every_field():
+            if "." not in key:
+                assert any(line.startswith(f"{key}: {spec.metadata['help']}") for line in lines), (name, key)
+                continue
+            section, field_name = key.split(".")
+            default = yaml_value(getattr(getattr(defaults, section), field_name))
+            assert any(
+                line.split()[:2] == [key, default] and line.rstrip().endswith(spec.metadata["help"]) for line in lines
+            ), f"{name} does not list {key} = {default} with its help"
+    assert "train.max_steps" in listings["python -m core.run --help"]  # the key the issue could not find
+
+
+def test_the_commented_yaml_is_a_complete_config_at_its_defaults(tmp_path: Path, capsys) -> None:
+    from core.cli import main as duet
+
+    assert duet(["config", "--yaml"]) == 0
+    text = capsys.readouterr().out
+    assert text == config_yaml()
+    assert yaml.safe_load(text) == Config().to_dict()
+    assert load_config(write(tmp_path, text)).to_dict() == Config().to_dict()
+    for key, spec in _every_field():
+        assert f"# {spec.metadata['help']}" in text, key
+
+
+def test_the_format_help_names_every_format() -> None:
+    from core.data.formats import FORMATS_BY_NAME
+
+    help_text = {f.name: f for f in dataclasses.fields(Config().data)}["format"].metadata["help"]
+    assert all(name in help_text for name in FORMATS_BY_NAME)

@@ -75,7 +75,7 @@ CASES = {
     "no shared prefix": (
         "d.jsonl",
         lines(GOOD_IMPLICIT, implicit([("user", "A?"), ("assistant", "1")], [("user", "B?"), ("assistant", "2")])),
-        r"{f}:2: 'chosen' and 'rejected' share no prompt: they differ at message 1",
+        r"{f}:2: 'chosen' and 'rejected' share no prompt: they differ at chosen\[0\] / rejected\[0\], before the final",
     ),
     "conversation not ending with the assistant": (
         "d.jsonl",
@@ -320,3 +320,54 @@ def test_json_documents_of_every_shape(tmp_path: Path) -> None:
     broken.write_text(json.dumps(GOOD_EXPLICIT, indent=2) + '\n{\n  "prompt": }\n')
     with pytest.raises(DataError, match=re.escape(str(broken)) + r":7: invalid JSON"):
         load_preferences(broken)
+
+
+def _error(path: Path, **options) -> str:
+    with pytest.raises(DataError) as error:
+        load_preferences(path, **options)
+    return str(error.value)
+
+
+def test_json_errors_say_at_once(tmp_path: Path) -> None:
+    """json's own message "Unterminated string starting at" is not followed by a second "at"."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(lines(GOOD_EXPLICIT, b'{"prompt": "x", "chosen": "no end'))
+    assert f"{path}:2: invalid JSON: Unterminated string starting at column 27." in _error(path)
+    document = tmp_path / "d.json"
+    document.write_bytes(b'[\n  {"prompt": "no end')
+    assert f"{document}:2: invalid JSON: Unterminated string starting at column 14." in _error(document)
+    document.write_bytes(b'[\n  {"prompt": "line\nbreak"}]')
+    assert f"{document}:2: invalid JSON: Invalid control character at column 19." in _error(document)
+    _, report = load_preferences(path, skip_invalid=True)
+    assert report.skipped_examples == [f"{path}:2: invalid JSON: Unterminated string starting at column 27"]
+
+
+def test_strict_mode_says_how_many_rows_are_bad_and_how_to_list_them(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(
+        lines(
+            GOOD_EXPLICIT,
+            {"prompt": "x", "chosen": "", "rejected": "y"},
+            GOOD_EXPLICIT,
+            b"{broken",
+            {"prompt": "x", "chosen": "same", "rejected": "same"},
+        )
+    )
+    message = _error(path)
+    assert message.startswith(f"{path}:2: field 'chosen' is empty. 2 more of the 5 rows are bad too (3 in all); ")
+    assert f"list them with `duet inspect {path} --model MODEL --skip-invalid`" in message
+    assert "pass --skip-invalid (data.skip_invalid: true)" in message
+    one_bad = tmp_path / "one.jsonl"
+    one_bad.write_bytes(lines(GOOD_EXPLICIT, {"prompt": "x", "chosen": "", "rejected": "y"}))
+    message = _error(one_bad)
+    assert "Fix the row, or pass --skip-invalid" in message and "more of the" not in message
+
+
+def test_messages_in_a_row_are_named_by_their_index_in_every_error(tmp_path: Path) -> None:
+    """One convention: chosen[0] is the first message (as in the JSON), never "message 1"."""
+    for name, (file_name, content, _) in CASES.items():
+        path = tmp_path / name.replace(" ", "-") / file_name
+        path.parent.mkdir()
+        path.write_bytes(content)
+        message = _error(path)
+        assert not re.search(r"\b(message|turn|part) \d", message), (name, message)

@@ -112,3 +112,17 @@ def test_duet_console_script_runs(fixture_data: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "format implicit, 1 rows → 1 pairs" in result.stdout
+
+
+def test_inspect_lists_every_bad_row_the_strict_error_counts(tmp_path: Path, capsys) -> None:
+    from tests.helpers import DEMO_MODEL
+
+    good = json.dumps({"prompt": "Hi", "chosen": "Hello", "rejected": "Bye"})
+    bad = [json.dumps({"prompt": "Hi", "chosen": "", "rejected": f"Bye {i}"}) for i in range(12)]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([good, *bad]) + "\n")
+    code, _, err = run_cli(capsys, "inspect", str(path), "--model", str(DEMO_MODEL))
+    assert code == 2 and "11 more of the 13 rows are bad too (12 in all)" in " ".join(err.split())
+    code, out, _ = run_cli(capsys, "inspect", str(path), "--model", str(DEMO_MODEL), "--skip-invalid")
+    assert code == 0 and "skipped 12 invalid rows" in out
+    assert all(f"{path}:{line}: field 'chosen' is empty" in out for line in range(2, 14))  # all, not the first 10

@@ -1,7 +1,8 @@
 """Detect a row's preference format and normalize it into a ``PreferencePair``.
 
 Each format is one small normalizer. A row that does not fit raises ``RowError`` naming the field, so the
-loader can report ``file:line: field 'chosen': ...`` or skip the row when asked to.
+loader can report ``file:line: field 'chosen': ...`` or skip the row when asked to. Messages and parts inside a
+field are named by their index, counted from 0 as in the JSON: ``chosen[2]`` is the third message of chosen.
 """
 
 from __future__ import annotations
@@ -212,8 +213,8 @@ def _shared_prompt(
         )
         raise RowError(
             f"{chosen_field}/{rejected_field}",
-            f"'{chosen_field}' and '{rejected_field}' share no prompt: they differ at message "
-            f"{differ + 1} before the final replies",
+            f"'{chosen_field}' and '{rejected_field}' share no prompt: they differ at {chosen_field}[{differ}] / "
+            f"{rejected_field}[{differ}], before the final replies",
             "no shared prompt",
         )
     if not chosen_prompt:

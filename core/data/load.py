@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,12 +73,13 @@ def load_preferences(
     split: str = "train",
     skip_invalid: bool = False,
     drop_duplicates: bool = False,
+    max_examples: int | None = MAX_EXAMPLES,
 ) -> tuple[list[PreferencePair], LoadReport]:
     """Read ``source`` and normalize every row.
 
     ``columns`` renames the source's columns to Duet's (``{"prompt": "question", "chosen": "response_j"}``).
-    A bad row raises ``DataError`` naming its file, line and field, or with ``skip_invalid`` is counted in
-    the report and left out.
+    A bad row raises ``DataError`` naming its file, line and field (and how many more rows are bad), or with
+    ``skip_invalid`` is counted in the report and left out; the report lists ``max_examples`` of them (None: all).
     """
     name = str(source)
     raw_rows = list(read_rows(source, split=split))
@@ -91,19 +93,19 @@ def load_preferences(
     pairs: list[PreferencePair] = []
     seen: dict[PreferencePair, PreferencePair] = {}
     report.duplicates_dropped = drop_duplicates
+    first_error: str | None = None  # without skip_invalid: the first bad row, reported once all are counted
     for raw in raw_rows:
         try:
             pair = _normalize(raw, fmt, rename, columns or {})
         except RowError as error:
             message = f"{raw.location}: {_describe(error, columns or {})}"
-            if not skip_invalid:
-                raise DataError(
-                    f"{message}. Fix the row, or pass --skip-invalid (data.skip_invalid: true) to skip bad rows."
-                ) from None
             report.skipped[error.kind] += 1
-            if len(report.skipped_examples) < MAX_EXAMPLES:
+            first_error = first_error or (None if skip_invalid else message)
+            if max_examples is None or len(report.skipped_examples) < max_examples:
                 report.skipped_examples.append(message)
             continue
+        if first_error is not None:
+            continue  # the load fails: the rest is read only to count the bad rows
         if pair in seen:
             report.duplicates += 1
             if len(report.duplicate_examples) < MAX_EXAMPLES:
@@ -116,6 +118,8 @@ def load_preferences(
         report.multi_turn += pair.num_user_turns > 1
         report.with_system += pair.system is not None
         report.ties += pair.score_chosen is not None and pair.score_chosen == pair.score_rejected
+    if first_error is not None:
+        raise DataError(_strict_error(first_error, report, name))
     report.pairs = len(pairs)
     if not pairs:
         raise DataError(
@@ -124,6 +128,17 @@ def load_preferences(
             f"{report.skipped_examples[0] if report.skipped_examples else '-'}"
         )
     return pairs, report
+
+
+def _strict_error(first: str, report: LoadReport, name: str) -> str:
+    skip = "pass --skip-invalid (data.skip_invalid: true) to skip bad rows"
+    bad = report.skipped_total
+    if bad == 1:
+        return f"{first}. Fix the row, or {skip}."
+    return (
+        f"{first}. {bad - 1} more of the {report.rows} rows are bad too ({bad} in all); list them with "
+        f"`duet inspect {shlex.quote(name)} --model MODEL --skip-invalid`. Fix them, or {skip}."
+    )
 
 
 def _column_renamer(columns: Mapping[str, str]):

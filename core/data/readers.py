@@ -124,7 +124,12 @@ def _json_lines(data: bytes, name: str) -> Iterator[RawRow]:
         try:
             yield RawRow(location, data=json.loads(text))
         except json.JSONDecodeError as exc:
-            yield RawRow(location, error=f"invalid JSON: {exc.msg} at column {exc.colno}")
+            yield RawRow(location, error=_json_problem(exc))
+
+
+def _json_problem(exc: json.JSONDecodeError) -> str:
+    # some of json's messages end in "at" themselves ("Unterminated string starting at"): say it once
+    return f"invalid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}"
 
 
 def _too_long(size: int) -> str:
@@ -167,7 +172,7 @@ def _json_values(text: str, position: int, name: str) -> Iterator[tuple[int, Any
         try:
             value, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{name}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}.") from None
+            raise DataError(f"{name}:{exc.lineno}: {_json_problem(exc)}.") from None
         yield line, value
         position = _skip_whitespace(text, position)
 
@@ -191,7 +196,7 @@ def _json_array(text: str, start: int, name: str) -> Iterator[RawRow]:
         try:
             value, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{name}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}.") from exc
+            raise DataError(f"{name}:{exc.lineno}: {_json_problem(exc)}.") from exc
         location = Location(name, line=line_at(value_start))
         if position - value_start > MAX_ROW_BYTES:  # characters, near enough to bytes for this bound
             yield RawRow(location, error=_too_long(position - value_start))

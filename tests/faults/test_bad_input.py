@@ -197,6 +197,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         lambda t: train(t, f"model.path={t / 'no-model'}"),
         r"no-model: no such folder",
     ),
+    "a hub id without the hub (HF_HUB_OFFLINE)": (
+        lambda t: train(t, "model.path=nobody/no-such-model"),
+        r"model nobody/no-such-model: the Hugging Face hub cannot be reached .*Pass a local model folder",
+    ),
     "--resume of a folder that does not exist": (
         lambda t: ["run", "--resume", str(t / "nowhere")],
         r"--resume .*nowhere: no such run directory",
