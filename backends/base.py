@@ -59,6 +59,8 @@ class Backend(ABC):
     name: str
     ops: ArrayOps
     tokenizer: Any
+    # what the loaded model's config says that this backend cannot honour exactly (shown as run warnings)
+    config_warnings: list[str] = []  # noqa: RUF012 - never mutated: a backend assigns its own list
 
     # -- model and adapter ------------------------------------------------------------------------------
 

@@ -35,23 +35,31 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from core.export import export
+    from core.export import export_adapter
 
-    out = export(args.source, args.to, args.out, base_model=args.base_model, force=args.force)
-    Console().print(f"wrote the {args.to} export to {out}", highlight=False)
+    result = export_adapter(args.source, args.to, args.out, base_model=args.base_model, force=args.force)
+    text = f"wrote the {args.to} export of {result.source.describe()} to {result.out}"
+    Console(soft_wrap=True).print(text, highlight=False, markup=False)  # soft wrap: paths stay whole
     return 0
 
 
-def _tui(config: str | None = None, watch: str | None = None, resume: str | None = None) -> int:
+def _tui(config: str | None = None, watch: str | None = None, resume: str | None = None, wait: bool = False) -> int:
     from tui.app import run_app
 
-    return run_app(config, watch=watch, resume=resume)
+    return run_app(config, watch=watch, resume=resume, wait=wait)
 
 
-def _doctor() -> int:
+def _doctor(model: str | None = None) -> int:
     from core.doctor import doctor
 
-    return doctor()
+    return doctor(model=model)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from core.config import config_keys_text, config_yaml
+
+    sys.stdout.write(config_yaml() if args.yaml else config_keys_text() + "\n")
+    return 0
 
 
 def _run_main(argv: list[str]) -> int:
@@ -96,10 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch = commands.add_parser("watch", help="follow a headless run's metrics (read-only dashboard)")
     watch.add_argument("run_dir", help="the run directory (its metrics.jsonl is followed as it grows)")
-    watch.set_defaults(func=lambda args: _tui(watch=args.run_dir))
+    watch.add_argument("--wait", action="store_true", help="wait for a run that has not created RUN_DIR yet")
+    watch.set_defaults(func=lambda args: _tui(watch=args.run_dir, wait=args.wait))
 
     doctor = commands.add_parser("doctor", help="what this machine offers each backend")
-    doctor.set_defaults(func=lambda args: _doctor())
+    doctor.add_argument("--model", help="also check this model folder's config for what the MLX backend ignores")
+    doctor.set_defaults(func=lambda args: _doctor(args.model))
+
+    config = commands.add_parser("config", help="list every config key with its default and what it does")
+    config.add_argument("--yaml", action="store_true", help="print a complete config file, every key commented")
+    config.set_defaults(func=_config)
 
     bench = commands.add_parser("bench", help="measure speed and memory on a named workload", add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)

@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 GIB = 1024**3
 
@@ -74,7 +75,20 @@ def mlx_report() -> dict[str, Any]:
     return report
 
 
-def doctor(console: Console | None = None) -> int:
+def model_report(path: str) -> list[str]:
+    """What the MLX backend would ignore or refuse in a local model folder's config.json (rope settings mlx-lm
+    cannot map, keys it does not read); empty when MLX builds the model transformers builds."""
+    from backends.mlx_backend.model_config import config_warnings
+    from core.models_io import ModelError, resolve_model_path
+
+    try:
+        return config_warnings(resolve_model_path(path))
+    except ModelError as exc:
+        return [str(exc)]
+
+
+def doctor(console: Console | None = None, model: str | None = None) -> int:
+    """The machine report; with ``model`` (a local folder), also what the MLX side ignores in its config."""
     from backends.base import is_apple_silicon, resolve_backend_name
 
     console = console or Console()
@@ -108,6 +122,12 @@ def doctor(console: Console | None = None) -> int:
         else ("not Apple silicon" if not is_apple_silicon() else "MLX is not installed")
     )
     console.print(f"backend auto → [bold]{chosen}[/] ({reason})", highlight=False)
+    if model is not None:
+        notes = model_report(model)
+        said = "what MLX ignores or refuses in its config" if notes else "MLX reads its config as transformers does"
+        console.print(f"[bold]model[/] {model}: {said}", highlight=False)
+        for note in notes:
+            console.print(Text.assemble("  ", ("warning: ", "yellow"), note), highlight=False)
     return 0
 
 

@@ -160,9 +160,11 @@ def export_adapter(
 
 def write_merged(folder: Path, model: Path, adapter: Adapter) -> None:
     """The base model with ``W + scale · B A`` fused into every adapted weight, in the base's own dtype and
-    Hugging Face layout (loadable by transformers and mlx-lm)."""
+    Hugging Face layout (loadable by transformers 4 and 5 and mlx-lm: its config carries the rope both ways)."""
     import torch
     from safetensors.torch import load_file, save_file
+
+    from backends.mlx_backend.model_config import with_both_rope_forms
 
     shards = sorted(model.glob("*.safetensors"))
     if not shards:
@@ -196,5 +198,9 @@ def write_merged(folder: Path, model: Path, adapter: Adapter) -> None:
     for name in MODEL_FILES:
         if (model / name).is_file():
             shutil.copyfile(model / name, folder / name)
+    # Both forms of the rotary settings: transformers 5 writes only rope_parameters, which transformers 4 and
+    # mlx-lm (llama, mistral, qwen2) do not read; they would silently use another rope base.
+    config = json.loads((folder / "config.json").read_text())
+    write_json(folder / "config.json", with_both_rope_forms(config))
     if len(shards) > 1:
         write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": index})

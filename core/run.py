@@ -461,7 +461,7 @@ def _train_and_export(
     console: Console,
     collective: Collective = SINGLE,
 ) -> RunResult:
-    for warning in data_warnings(data):
+    for warning in [*backend.config_warnings, *data_warnings(data)]:
         emit({"type": "warning", "message": warning})
     if data.train.from_cache:
         emit({"type": "info", "message": f"tokenized pairs: reused from the cache ({data.train.load_report.source})"})

@@ -1,5 +1,7 @@
-"""Snapshots of the set-up screen, the dashboard mid-run (from recorded metrics) and the inspection view,
-at 80×24 and at 160×48. Update them deliberately with `pytest --snapshot-update` after a reviewed change."""
+"""Snapshots of the set-up screen, the dashboard mid-run (from recorded metrics), a long phase's progress and
+the inspection view, at 80×24, 120×40 and 160×48 (the wide layout). Nothing may be cut at any of them: the
+status line wraps, the log wraps before its scrollbar. Update them deliberately with `pytest --snapshot-update`
+after a reviewed change."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from tui.dashboard import DashboardScreen
 from tui.inspect_view import InspectScreen
 
 RECORDED = Path(__file__).parent / "fixtures" / "recorded_run" / "metrics.jsonl"
-SIZES = [(80, 24), (160, 48)]
+SIZES = [(80, 24), (120, 40), (160, 48)]
+IDS = ["80x24", "120x40", "160x48"]
 
 
 def demo_config():
@@ -43,20 +46,28 @@ async def steady(pilot) -> None:
     await pilot.pause(0.3)
 
 
-@pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
+@pytest.mark.parametrize("size", SIZES, ids=IDS)
 def test_setup_screen(snap_compare, monkeypatch, size) -> None:
     monkeypatch.setattr(tui.setup, "backend_note", lambda: "auto → torch   (torch: cpu; mlx: Device(cpu, 0))")
     assert snap_compare(DuetApp(demo_config(), source="models/demo/run.yaml"), terminal_size=size, run_before=steady)
 
 
-@pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
+@pytest.mark.parametrize("size", SIZES, ids=IDS)
 def test_dashboard_mid_run(snap_compare, size) -> None:
     events = [json.loads(line) for line in RECORDED.read_text().splitlines()]
     mid_run = [e for e in events if e.get("step", 0) <= 25 and e["type"] not in ("end", "stopped")]
     assert snap_compare(ScreenApp(lambda: DashboardScreen(replay=mid_run)), terminal_size=size, run_before=steady)
 
 
-@pytest.mark.parametrize("size", SIZES, ids=["80x24", "160x48"])
+@pytest.mark.parametrize("size", SIZES[:2], ids=IDS[:2])
+def test_dashboard_long_phase_progress(snap_compare, size) -> None:
+    events = [json.loads(line) for line in RECORDED.read_text().splitlines()][:2]
+    progress = {"type": "progress", "phase": "reference", "done": 120, "total": 270, "unit": "pairs"}
+    events.append({**progress, "elapsed": 30.0, "eta": 42.0, "message": "reference log-probs"})
+    assert snap_compare(ScreenApp(lambda: DashboardScreen(replay=events)), terminal_size=size, run_before=steady)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=IDS)
 def test_inspection_view(snap_compare, size) -> None:
     config = demo_config()
 

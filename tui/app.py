@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import ClassVar
 
-from textual.app import App
+from textual.app import App, SystemCommand
+from textual.binding import Binding, BindingType
+from textual.screen import Screen
 
 from core.config import Config
+from core.errors import DuetError
+
+RUN_MARKERS = ("metrics.jsonl", "config.yaml")  # what a run directory holds from its first moments
 
 
 class DuetApp(App):
     CSS_PATH = Path(__file__).parent / "duet.tcss"  # absolute: subclasses live elsewhere
     TITLE = "Duet"
+    # shown in the footer on every screen; on the dashboard it stops a running training first (as q does)
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("ctrl+q", "quit", "Quit", priority=True)]
 
     def __init__(
         self,
@@ -45,12 +54,63 @@ class DuetApp(App):
                 self.initial_config = resolve_config(None, ())
             self.push_screen(SetupScreen(self.initial_config, source=self.source))
 
+    async def action_quit(self) -> None:
+        from tui.dashboard import DashboardScreen
 
-def run_app(config_path: str | None = None, watch: str | None = None, resume: str | None = None) -> int:
+        boards = [screen for screen in self.screen_stack if isinstance(screen, DashboardScreen)]
+        if boards and boards[-1].training:
+            boards[-1].action_quit_app()  # asks first, and stops the run with a checkpoint
+        else:
+            self.exit()
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        from tui.dashboard import DashboardScreen
+
+        if isinstance(screen, DashboardScreen):
+            if screen.check_action("new_run", ()):
+                yield SystemCommand("New run", "Set up a new run with this run's settings", screen.action_new_run)
+            if screen.check_action("resume", ()):
+                yield SystemCommand("Resume", "Resume this run from its last checkpoint", screen.action_resume)
+        yield from super().get_system_commands(screen)
+
+
+def nearby_runs(path: Path, limit: int = 8) -> list[Path]:
+    """Run directories beside ``path`` (or inside it, when it is a folder of runs), closest names first."""
+    import difflib
+
+    folders = [path] if path.is_dir() else []
+    folders.append(path.parent if path.parent.is_dir() else Path("."))
+    runs = {
+        child
+        for folder in folders
+        for child in folder.iterdir()
+        if child.is_dir() and any((child / marker).is_file() for marker in RUN_MARKERS)
+    }
+    ranked = sorted(runs, key=lambda run: (-difflib.SequenceMatcher(None, run.name, path.name).ratio(), run.name))
+    return ranked[:limit]
+
+
+def check_watch_target(run_dir: Path) -> None:
+    """A typo must not wait forever: the folder must exist and be a run (or the user asked to ``--wait``)."""
+    if run_dir.is_dir() and any((run_dir / marker).is_file() for marker in RUN_MARKERS):
+        return
+    problem = "does not exist" if not run_dir.exists() else "is not a run directory (no metrics.jsonl or config.yaml)"
+    runs = nearby_runs(run_dir)
+    listing = "runs nearby:\n" + "\n".join(f"  {run}" for run in runs) if runs else "no runs nearby."
+    raise DuetError(
+        f"{run_dir} {problem}; {listing}\nTo wait for a run that has not started yet: duet watch --wait {run_dir}"
+    )
+
+
+def run_app(
+    config_path: str | None = None, watch: str | None = None, resume: str | None = None, wait: bool = False
+) -> int:
     config, source = None, "the demo"
     if config_path is not None:
         from core.config import load_config
 
         config, source = load_config(config_path), config_path
+    if watch and not wait:
+        check_watch_target(Path(watch))
     DuetApp(config, source=source, watch=Path(watch) if watch else None, resume=Path(resume) if resume else None).run()
     return 0

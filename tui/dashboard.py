@@ -4,6 +4,7 @@ read-only for a run being watched (`duet watch RUN_DIR`)."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ from textual.events import Resize
 from textual.screen import Screen
 from textual.widgets import Footer, RichLog
 
+from core.config import Config
 from tui.dialogs import ConfirmDialog, ExportDialog, TryItPanel
 from tui.follow import MetricsFollower
 from tui.session import RunEvent, TrainingFailed, TrainingFinished, TrainingSession
@@ -35,17 +37,25 @@ LOG_STYLES = {
     "paused": "yellow",
 }
 SILENT_AFTER = 60.0  # seconds without events before watch mode checks whether the run still lives
+POLL_EVERY = 0.5  # seconds between reads of a followed metrics.jsonl while it grows
+IDLE_POLL_EVERY = 2.0  # ... and once nothing has arrived for IDLE_AFTER seconds
+IDLE_AFTER = 10.0
+MAX_LOG_LINES = 500
+KEEP = "Keep training"
 
 
 class DashboardScreen(Screen):
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("p", "pause", "Pause/resume"),
+        Binding("p", "pause", "Pause"),
         Binding("s", "stop", "Stop"),
         Binding("c", "checkpoint", "Save now"),
         Binding("e", "export", "Export"),
         Binding("t", "try_it", "Try it"),
-        Binding("i", "inspect", "Inspect data"),
-        Binding("q", "quit_app", "Quit"),
+        Binding("i", "inspect", "Inspect"),
+        Binding("n", "new_run", "New run"),
+        Binding("r", "resume", "Resume"),
+        Binding("escape", "back", "Back", show=False),
+        Binding("q", "quit_app", "Quit", show=False),  # the footer shows ctrl+q, which does the same
     ]
 
     def __init__(
@@ -61,9 +71,22 @@ class DashboardScreen(Screen):
         self.state = DashboardState()
         self._dirty = True
         self._quitting = False
+        self._ended = False  # the training thread has returned: the run can be resumed, or a new one set up
         self._last_event = time.monotonic()
-        self.logged: list[str] = []  # every line the log pane shows, as plain text
-        self.source = "live" if session else f"watching {follow.name}" if follow else "replay"
+        self._next_poll = 0.0
+        self.log_lines: list[tuple[str, str]] = []  # (kind, message): every line the log pane shows
+
+    @property
+    def logged(self) -> list[str]:
+        return [message for _, message in self.log_lines]
+
+    @property
+    def source(self) -> str:
+        """Where the figures come from, for the status line: the run followed, or the run being trained."""
+        if self.follower is not None:
+            return f"watching {self.follower.run_dir.name}"
+        run_dir = self.state.run.get("run_dir") or (self.session and self.session.resume)
+        return f"run {Path(run_dir).name}" if run_dir else ""
 
     # -- layout -----------------------------------------------------------------------------------------
 
@@ -74,11 +97,13 @@ class DashboardScreen(Screen):
                 yield MetricChart(chart)
         with Horizontal(id="bottom"):
             yield MarginHistogram(id="histogram")
-            yield RichLog(id="log", wrap=True, markup=False, highlight=False)
+            yield RichLog(id="log", wrap=True, markup=False, highlight=False, min_width=1)
         yield Footer()
 
     def on_mount(self) -> None:
         self._layout(self.app.size.width)
+        if self.session is not None and self.session.resume is not None:
+            self._history(Path(self.session.resume))
         if self.session is not None:
             self.run_worker(
                 partial(self.session.run, self.post_message), thread=True, name="training", exit_on_error=False
@@ -86,7 +111,7 @@ class DashboardScreen(Screen):
         if self.follower is not None:
             self._log("info", f"following {self.follower.path}")
             self.poll_metrics()
-            self.set_interval(0.5, self.poll_metrics)
+            self.set_interval(POLL_EVERY, self.poll_metrics)
         for event in self.replay or []:
             self._apply(event)
         self.set_interval(0.25, self.redraw)
@@ -101,6 +126,22 @@ class DashboardScreen(Screen):
         for chart in self.query(MetricChart):
             chart.display = wide or chart.chart in COMPACT_CHARTS
         self._dirty = True
+        self.call_after_refresh(self._rewrap_log)
+
+    def _rewrap_log(self) -> None:
+        """Lines are wrapped when written: write them again at the log's new width."""
+        log = self.query_one("#log", RichLog)
+        log.clear()
+        for kind, message in self.log_lines:
+            log.write(Text(message, style=LOG_STYLES.get(kind, "")))
+
+    def _history(self, run_dir: Path) -> None:
+        """A resumed run's earlier steps, so its charts start at step 1, not at the checkpoint."""
+        events, _ = MetricsFollower(run_dir).poll()
+        for event in events:
+            self._apply(event)
+        if events:
+            self._log("info", f"earlier steps read from {run_dir / 'metrics.jsonl'}; resuming")
 
     # -- events -----------------------------------------------------------------------------------------
 
@@ -117,7 +158,8 @@ class DashboardScreen(Screen):
 
     def _log(self, kind: str, message: str) -> None:
         if message:
-            self.logged.append(message)
+            self.log_lines.append((kind, message))
+            del self.log_lines[:-MAX_LOG_LINES]
             self.query_one("#log", RichLog).write(Text(message, style=LOG_STYLES.get(kind, "")))
 
     @on(RunEvent)
@@ -126,6 +168,8 @@ class DashboardScreen(Screen):
 
     @on(TrainingFinished)
     def finished(self, message: TrainingFinished) -> None:
+        self._ended = True
+        self.refresh_bindings()
         if message.result.stopped:
             self.notify(f"stopped at step {message.result.state.step}; the checkpoint is saved")
         else:
@@ -135,7 +179,9 @@ class DashboardScreen(Screen):
 
     @on(TrainingFailed)
     def failed(self, message: TrainingFailed) -> None:
+        self._ended = True
         self.state.phase = "failed"
+        self.state.progress = None
         self.refresh_bindings()
         self._log("error", f"training failed: {message.message}")
         if message.details:
@@ -148,26 +194,36 @@ class DashboardScreen(Screen):
             self.app.exit()
 
     def poll_metrics(self) -> None:
+        now = time.monotonic()
+        if now < self._next_poll:
+            return
         events, restarted = self.follower.poll()
-        if restarted:
+        if restarted:  # the run was resumed and cut its metrics back to its checkpoint: start over
             self.state.reset()
+            self.log_lines.clear()
+            self.query_one("#log", RichLog).clear()
             self._log("info", "metrics.jsonl was cut back (the run was resumed): reading it again")
+            self._dirty = True
         for event in events:
             self._apply(event)
-        if not events and self.state.phase not in ("finished", "failed", "stopped"):
-            running = self.follower.is_running()
-            if self.state.events == 0 and running is None:
-                self.state.phase = "waiting"
-            elif running is False and self.state.phase != "not running":
-                self.state.phase = "not running"
-                self._log(
-                    "error",
-                    "no process is running this run any more (killed or crashed before it could "
-                    "log why); resume it with: python -m core.run --resume " + str(self.follower.run_dir),
-                )
-            elif running and time.monotonic() - self._last_event > SILENT_AFTER:
-                self.state.phase = "training"  # alive, holding its lock: just a long step
-            self._dirty = True
+        idle = now - self._last_event > IDLE_AFTER
+        self._next_poll = now + (IDLE_POLL_EVERY if idle else POLL_EVERY) - 0.05
+        if events or self.state.phase in ("finished", "failed", "stopped"):
+            return
+        phase = self.state.phase
+        running = self.follower.is_running()
+        if self.state.events == 0 and running is None:
+            self.state.phase = "waiting"
+        elif running is False and self.state.phase != "not running":
+            self.state.phase = "not running"
+            self._log(
+                "error",
+                "no process is running this run any more (killed or crashed before it could "
+                "log why); resume it with: python -m core.run --resume " + str(self.follower.run_dir),
+            )
+        elif running and now - self._last_event > SILENT_AFTER and phase != "training":
+            self.state.phase = "training"  # alive, holding its lock: just a long step
+        self._dirty |= self.state.phase != phase  # an idle follower redraws nothing
 
     def redraw(self) -> None:
         if not self._dirty:
@@ -183,16 +239,66 @@ class DashboardScreen(Screen):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         live = self.session is not None
-        running = live and self.state.phase in ("training", "paused", "waiting")
+        running = live and not self._ended and self.state.phase in ("training", "paused", "waiting")
         if action in ("pause", "stop", "checkpoint"):
             return running
         if action == "try_it":
-            return live
+            return live and self.session.can_generate  # only with a model loaded: never "still loading" forever
         if action == "inspect":
             return live and self.session.config is not None
         if action == "export":
             return self._export_source() is not None
+        if action == "new_run":
+            return live and self._ended
+        if action == "resume":
+            return live and self._ended and self._resumable() is not None
         return True
+
+    @property
+    def training(self) -> bool:
+        """A local run is still under way (quitting must stop it first)."""
+        return self.session is not None and not self._ended
+
+    def _run_dir(self) -> Path | None:
+        if self.session is None:
+            return None
+        run_dir = self.session.run_dir or self.state.run.get("run_dir") or self.session.resume
+        return Path(run_dir) if run_dir else None
+
+    def _resumable(self) -> Path | None:
+        """The run directory when the run stopped (or failed) with a checkpoint to resume from."""
+        run_dir = self._run_dir()
+        if run_dir is None or self.state.adapter or not self.state.last_checkpoint:
+            return None
+        return run_dir if self.state.phase in ("stopped", "failed") else None
+
+    def action_new_run(self) -> None:
+        """Back to the set-up screen with this run's settings, under a name that is still free."""
+        from tui.setup import SetupScreen
+
+        config = self.session.config
+        run_dir = self._run_dir()
+        if config is None and run_dir is not None:  # a resumed run: its own config
+            from core.rundir import RunDirectory
+
+            config = RunDirectory.open(run_dir).load_config()
+        if config is None:
+            from core.run import resolve_config
+
+            config = resolve_config(None, ())
+        config = next_run_config(config)
+        self.app.switch_screen(SetupScreen(config, source=f"run {run_dir.name}" if run_dir else "the last run"))
+
+    def action_resume(self) -> None:
+        run_dir = self._resumable()
+        if run_dir is not None:
+            self.app.switch_screen(DashboardScreen(session=TrainingSession(resume=run_dir)))
+
+    def action_back(self) -> None:
+        if self.check_action("new_run", ()):
+            self.action_new_run()
+        elif self.training:
+            self.notify("training is running: s stops it (a checkpoint is saved), q quits")
 
     def action_pause(self) -> None:
         control = self.session.control
@@ -211,7 +317,8 @@ class DashboardScreen(Screen):
                 self.notify("stopping after this step; a checkpoint will be saved")
 
         self.app.push_screen(
-            ConfirmDialog("Stop training? A checkpoint is saved, and the run can be resumed later.", yes="Stop"), answer
+            ConfirmDialog("Stop training? A checkpoint is saved; the run can be resumed later.", yes="Stop", no=KEEP),
+            answer,
         )
 
     def action_checkpoint(self) -> None:
@@ -244,7 +351,7 @@ class DashboardScreen(Screen):
         self.app.push_screen(InspectScreen(self.session.config))
 
     def action_quit_app(self) -> None:
-        if self.session is None or self.state.phase not in ("training", "paused", "waiting"):
+        if not self.training:
             self.app.exit()
             return
 
@@ -255,5 +362,23 @@ class DashboardScreen(Screen):
                 self.notify("stopping after this step, saving a checkpoint, then quitting")
 
         self.app.push_screen(
-            ConfirmDialog("Training is running. Stop it (a checkpoint is saved) and quit?", yes="Stop and quit"), answer
+            ConfirmDialog(
+                "Training is running. Stop it (a checkpoint is saved) and quit?", yes="Stop and quit", no=KEEP
+            ),
+            answer,
         )
+
+
+def next_run_config(config: Config) -> Config:
+    """The same settings under a run name no run directory holds yet (a timestamp name is new anyway)."""
+    name = config.train.run_name
+    root = Path(config.train.output_dir).expanduser()
+    if name is None or not (root / name).exists():
+        return config
+    stem, _, number = name.rpartition("-")
+    if not (stem and number.isdigit()):
+        stem = name
+    suffix = 2
+    while (root / f"{stem}-{suffix}").exists():
+        suffix += 1
+    return replace(config, train=replace(config.train, run_name=f"{stem}-{suffix}"))

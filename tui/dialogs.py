@@ -17,9 +17,12 @@ from tui.session import TrainingSession
 
 
 class ConfirmDialog(ModalScreen[bool]):
-    """A yes/no question; Escape is no."""
+    """A yes/no question: Enter or y answers yes (the button focused), Escape or n no; the dialog says so."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "no", "No"), Binding("y", "yes", "Yes", show=False)]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,n", "no", "No"),
+        Binding("y", "yes", "Yes", show=False),
+    ]
 
     def __init__(self, question: str, yes: str = "Yes", no: str = "No") -> None:
         super().__init__()
@@ -31,9 +34,10 @@ class ConfirmDialog(ModalScreen[bool]):
             with Horizontal(classes="buttons"):
                 yield Button(self.yes, variant="error", id="yes")
                 yield Button(self.no, variant="primary", id="no")
+            yield Static(f"Enter or y: {self.yes}   ·   Esc or n: {self.no}", classes="keys")
 
     def on_mount(self) -> None:
-        self.query_one("#no", Button).focus()
+        self.query_one("#yes", Button).focus()
 
     @on(Button.Pressed, "#yes")
     def action_yes(self) -> None:
@@ -79,7 +83,7 @@ class ExportDialog(ModalScreen[Path | None]):
 
     def __init__(self, source: Path) -> None:
         super().__init__()
-        self.source = source
+        self.source = source  # the run directory (or an adapter folder): exports go inside it by default
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
@@ -88,7 +92,7 @@ class ExportDialog(ModalScreen[Path | None]):
                 yield RadioButton("PEFT adapter (transformers / peft)", value=True, id="peft")
                 yield RadioButton("MLX adapter (mlx-lm)", id="mlx")
                 yield RadioButton("merged model (full weights)", id="merged")
-            yield Input(str(self.source.parent / "export-peft"), id="out")
+            yield Input(str(free_folder(self.source / "export-peft")), id="out")
             yield Checkbox("replace the folder if it is not empty", id="force")
             yield Static("", id="export-status")
             with Horizontal(classes="buttons"):
@@ -100,7 +104,7 @@ class ExportDialog(ModalScreen[Path | None]):
         out = self.query_one("#out", Input)
         current = Path(out.value)
         if current.name.startswith("export-"):
-            out.value = str(current.parent / f"export-{event.pressed.id}")
+            out.value = str(free_folder(current.parent / f"export-{event.pressed.id}"))
 
     @on(Button.Pressed, "#go")
     def go(self) -> None:
@@ -138,6 +142,15 @@ class ExportDialog(ModalScreen[Path | None]):
         self.dismiss(None)
 
 
+def free_folder(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ...: the first that does not exist or is empty."""
+    candidate, number = path, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
+
+
 class TryItPanel(ModalScreen[None]):
     """Type a prompt; see the base model's and the tuned model's replies side by side."""
 
@@ -164,8 +177,8 @@ class TryItPanel(ModalScreen[None]):
     def ask(self, event: Input.Submitted) -> None:
         if not event.value.strip():
             return
-        if not self.session.can_generate:
-            self.query_one("#base", Static).update("the model is still loading…")
+        if not self.session.can_generate:  # the dashboard offers "try it" only with a model; this is a safeguard
+            self.query_one("#base", Static).update("no model is loaded (the run ended before it loaded one)")
             return
         for pane in ("#base", "#tuned"):
             self.query_one(pane, Static).update(Text("generating…", style="italic"))

@@ -1,5 +1,6 @@
 """Follow a run's ``metrics.jsonl`` as it grows: new complete lines only, a restart when it is truncated
-(a resumed run cuts it back to its checkpoint), and whether a process is still running the run."""
+(a resumed run cuts it back to its checkpoint, and may have written past the old end before the next read:
+the bytes just before the offset are compared too), and whether a process is still running the run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 
 from core.rundir import LOCK_FILE, METRICS_FILE
 
+TAIL = 256  # bytes compared to tell a file that only grew from one cut back and rewritten
+
 
 class MetricsFollower:
     def __init__(self, run_dir: str | Path) -> None:
@@ -17,6 +20,7 @@ class MetricsFollower:
         self.path = self.run_dir / METRICS_FILE
         self.offset = 0
         self._partial = b""
+        self._tail = b""  # the last bytes read: still there unless the file was cut back and rewritten
 
     def poll(self) -> tuple[list[dict[str, Any]], bool]:
         """(new events, whether the file was truncated so the reader must start over)."""
@@ -25,14 +29,18 @@ class MetricsFollower:
         except FileNotFoundError:
             return [], False
         restarted = size < self.offset
-        if restarted:
-            self.offset, self._partial = 0, b""
-        if size == self.offset:
-            return [], restarted
+        if size == self.offset and not restarted:
+            return [], False
         with open(self.path, "rb") as handle:
+            if not restarted and self._tail:
+                handle.seek(self.offset - len(self._tail))
+                restarted = handle.read(len(self._tail)) != self._tail
+            if restarted:
+                self.offset, self._partial, self._tail = 0, b"", b""
             handle.seek(self.offset)
-            data = handle.read(size - self.offset)
+            data = handle.read(max(0, size - self.offset))
         self.offset += len(data)
+        self._tail = (self._tail + data)[-TAIL:]
         data = self._partial + data
         lines = data.split(b"\n")
         self._partial = lines.pop()  # an incomplete last line waits for the rest of it

@@ -53,7 +53,7 @@ class InspectScreen(Screen):
                 format=data.format,
                 columns=data.columns,
                 split=data.split,
-                skip_invalid=True,
+                skip_invalid=data.skip_invalid,  # as training will
                 chat_template=data.chat_template,
                 max_length=data.max_length,
                 max_prompt_length=data.max_prompt_length,

@@ -46,26 +46,28 @@ class Field:
 
 
 FIELDS = (
-    Field("model.path", "Model", "folder or hub id; demo = built-in"),
-    Field("data.train", "Data", "file, dataset folder or hub id; demo = built-in"),
-    Field("data.eval_fraction", "Eval fraction", "share of pairs held out for evaluation"),
-    Field("data.max_length", "Max length", "tokens per sequence (prompt + reply)"),
-    Field("data.max_prompt_length", "Max prompt", "prompt tokens kept (from the end)", optional=True),
+    Field("model.path", "Model", "folder, hub id, or demo"),
+    Field("data.train", "Data", "file, folder, hub id, or demo"),
+    Field("data.skip_invalid", "Skip bad rows", "true: skip and count bad rows", choices=("false", "true")),
+    Field("data.eval_fraction", "Eval fraction", "share held out for evaluation"),
+    Field("data.max_length", "Max length", "tokens: prompt + reply"),
+    Field("data.max_prompt_length", "Max prompt", "prompt tokens kept (the end)", optional=True),
     Field("objective.name", "Objective", "", choices=("dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft")),
-    Field("objective.beta", "β", "empty: the objective's usual value", optional=True),
-    Field("objective.gamma_beta_ratio", "γ/β (SimPO)", "SimPO's target margin relative to β", optional=True),
-    Field("objective.label_smoothing", "Label smoothing", "assumed rate of flipped labels (cDPO)"),
-    Field("objective.nll_weight", "NLL weight", "weight of an NLL term on the chosen replies"),
+    Field("objective.beta", "β", "empty: the objective's default", optional=True),
+    Field("objective.gamma_beta_ratio", "γ/β (SimPO)", "SimPO's margin relative to β", optional=True),
+    Field("objective.label_smoothing", "Label smoothing", "share of flipped labels (cDPO)"),
+    Field("objective.nll_weight", "NLL weight", "NLL on chosen replies (RPO)"),
     Field("lora.rank", "LoRA rank"),
     Field("lora.alpha", "LoRA alpha"),
     Field("lora.dropout", "LoRA dropout"),
-    Field("train.max_steps", "Max steps", "empty: train for the given epochs", optional=True),
+    Field("train.max_steps", "Max steps", "empty: train for Epochs", optional=True),
     Field("train.epochs", "Epochs"),
     Field("train.lr", "Learning rate"),
     Field("train.batch_size", "Batch (pairs)"),
     Field("train.grad_accum", "Grad accumulation"),
     Field("model.backend", "Backend", "", choices=("auto", "torch", "mlx")),
-    Field("train.output_dir", "Output folder", "run directories go here"),
+    Field("train.output_dir", "Output folder", "run folders go here"),
+    Field("train.run_name", "Run name", "empty: date and time", optional=True),
 )
 
 
@@ -95,9 +97,9 @@ class SetupScreen(Screen):
         Binding("f5", "start", "Start"),
         Binding("f2", "check_data", "Check data"),
         Binding("f3", "inspect", "Inspect"),
-        Binding("ctrl+s", "save", "Save config"),
-        Binding("ctrl+o", "open", "Open config"),
-        Binding("ctrl+q", "quit", "Quit"),
+        Binding("ctrl+s", "save", "Save"),
+        Binding("ctrl+o", "open", "Open"),
+        Binding("q", "quit", "Quit", show=False),  # when no text field has the focus; the footer shows ctrl+q
     ]
 
     def __init__(self, config: Config, source: str = "the demo") -> None:
@@ -114,6 +116,7 @@ class SetupScreen(Screen):
                     yield Static(field.label, classes="field-label")
                     # compact widgets: one line a field, so the form fits 80×24 with little scrolling
                     if field.choices:
+                        value = str(value).lower() if isinstance(value, bool) else value
                         options = [(c, c) for c in field.choices]
                         yield Select(options, value=value, allow_blank=False, id=field_id(field.key), compact=True)
                     else:
@@ -175,9 +178,18 @@ class SetupScreen(Screen):
     def objective_changed(self, event: Select.Changed) -> None:
         name = str(event.value)
         self.query_one("#objective-help", Static).update(OBJECTIVE_HELP[name])
+        previous = self.base["objective"]["name"]
+        if name == previous:
+            return
         self.base["objective"]["name"] = name
         beta = self.query_one(f"#{field_id('objective.beta')}", Input)
         beta.placeholder = f"default {DEFAULT_BETA[name]}"
+        try:
+            typed = float(beta.value) != DEFAULT_BETA[previous]
+        except ValueError:
+            typed = bool(beta.value.strip())  # not a number: the user's to fix, not ours to clear
+        if not typed:  # empty, or the previous objective's default: the new objective's default applies
+            beta.value = ""
 
     # -- actions ----------------------------------------------------------------------------------------
 
@@ -209,11 +221,12 @@ class SetupScreen(Screen):
                 format=data.format,
                 columns=data.columns,
                 split=data.split,
-                skip_invalid=True,
+                skip_invalid=data.skip_invalid,  # the rule training will apply (F5)
             )
             text = Text("\n".join(report.summary_lines()), style="yellow" if report.skipped else "green")
         except DuetError as exc:
-            text = Text(str(exc), style="bold red")
+            hint = "" if data.skip_invalid else "\nOn this screen: set 'Skip bad rows' to true to skip such rows."
+            text = Text(str(exc) + hint, style="bold red")
         self.app.call_from_thread(self.query_one("#data-report", Static).update, text)
 
     @on(Button.Pressed, "#inspect")

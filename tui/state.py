@@ -54,6 +54,7 @@ class DashboardState:
     log: list[tuple[str, str]] = field(default_factory=list)  # (kind, message)
     adapter: str | None = None
     last_checkpoint: str | None = None
+    progress: Event | None = None  # the latest progress event of a phase still under way (loading, reference, ...)
     events: int = 0
 
     def reset(self) -> None:
@@ -62,6 +63,12 @@ class DashboardState:
     def apply(self, event: Event) -> None:
         kind = event.get("type")
         self.events += 1
+        if kind == "progress":
+            done, total = event.get("done"), event.get("total")
+            unfinished = isinstance(done, (int, float)) and isinstance(total, (int, float)) and done < total
+            self.progress = event if unfinished else None
+        elif kind in ("start", "train", "end", "stopped", "error"):
+            self.progress = None  # the phase is over: training has started, or the run has ended
         if kind == "start":
             self.run = event
             self.phase = "training"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy
 from rich.text import Text
-from textual.widgets import Static
+from textual.geometry import Size
+from textual.widget import Widget
 from textual_plotext import PlotextPlot
 
 from core.metrics import format_duration
@@ -61,27 +63,83 @@ class MetricChart(PlotextPlot):
         self.refresh()
 
 
-class MarginHistogram(PlotextPlot):
-    """Per-pair reward margins of the latest batch (and of the last evaluation): the spread, not the mean."""
+class MarginHistogram(Widget):
+    """Per-pair reward margins of the latest batch (and of the last evaluation): the spread, not the mean.
+
+    Drawn as text at any size: shared bins for both sets, side by side in their colours, named in the title
+    (not in a legend over the bars), the count axis marked at 0 and at its whole-number top only."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.state = DashboardState()
 
     def draw(self, state: DashboardState) -> None:
-        plt = self.plt
-        plt.clear_data()
-        plt.clear_figure()
-        step = state.step
-        plt.title(f"margins, step {step}" if state.margins else "margins")
-        values = state.eval_margins or state.margins
-        if state.eval_margins:  # drawn first, so the latest batch stays on top
-            plt.hist(state.eval_margins, bins=_bins(len(state.eval_margins)), label="eval", color="yellow")
-        if state.margins:
-            plt.hist(state.margins, bins=_bins(len(state.margins)), label="batch", color="cyan")
-        if not values:
-            plt.text("no margins yet", 0.5, 0.5, alignment="center")
-            plt.xlim(0, 1)
-            plt.ylim(0, 1)
-        else:
-            plt.vline(0.0, "red")
+        self.state = state
         self.refresh()
+
+    def render(self) -> Text:
+        return Text("\n").join(histogram_lines(self.state, self.content_size.width, self.content_size.height))
+
+
+BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def histogram_lines(state: DashboardState, width: int, height: int) -> list[Text]:
+    candidates = [(state.eval_margins, "eval", "yellow"), (state.margins, "batch", "cyan")]
+    sets = [(values, label, color) for values, label, color in candidates if values]
+    title = [Text("margins", style="bold")] + ([Text(f"step {state.step}")] if state.margins else [])
+    title += [Text.assemble(("■ ", color), label) for _, label, color in sets] if len(sets) > 1 else []
+    lines = _pack(title, width, " · ")
+    if not sets:
+        return [*lines, Text("no margins yet", style="dim")]
+    everything = [x for values, _, _ in sets for x in values]
+    low, high = min(everything), max(everything)
+    if high - low < 1e-9:
+        low, high = low - 0.5, high + 0.5
+    top_count = 1
+    counts = []
+    edges = None
+    label_width = 0
+    for _ in range(2):  # the count labels' width decides the columns left for bins, which decide the counts
+        columns = max(len(sets), width - label_width - 1)
+        bins = max(1, min(columns // len(sets), _bins(max(len(v) for v, _, _ in sets))))
+        edges = numpy.linspace(low, high, bins + 1)
+        counts = [numpy.histogram(values, edges)[0].tolist() for values, _, _ in sets]
+        top_count = count_ticks(max(max(c) for c in counts))[-1]
+        label_width = len(str(top_count))
+    share = max(1, (width - label_width - 1) // (bins * len(sets)))  # columns per bin per set
+    rows = max(1, height - len(lines) - 2)
+    zero = int((0 - low) / (high - low) * bins * len(sets) * share) if low < 0 < high else None
+    for row in range(rows):
+        label = str(top_count) if row == 0 else "0" if row == rows - 1 else ""
+        line = Text(f"{label:>{label_width}}" + ("┤" if label else "│"), style="dim")
+        column = 0
+        for b in range(bins):
+            for (_, _, color), counted in zip(sets, counts, strict=True):
+                eighths = counted[b] / top_count * rows * 8 - (rows - 1 - row) * 8
+                block = BLOCKS[int(min(8, max(0, round(eighths))))]
+                for _ in range(share):
+                    if block == " " and column == zero:
+                        line.append("│", style="red")  # where the margin changes sign
+                    else:
+                        line.append(block, style=color)
+                    column += 1
+        lines.append(line)
+    span = bins * len(sets) * share
+    axis = " " * label_width + "└" + "─" * span
+    ends = f"{low:.3g}", f"{high:.3g}"
+    scale = list(" " * (label_width + 1 + span))
+    scale[label_width + 1 : label_width + 1 + len(ends[0])] = ends[0]
+    scale[len(scale) - len(ends[1]) :] = ends[1]
+    if zero is not None and label_width + len(ends[0]) + 1 < label_width + 1 + zero < len(scale) - len(ends[1]) - 1:
+        scale[label_width + 1 + zero] = "0"
+    return [*lines, Text(axis, style="dim"), Text("".join(scale), style="dim")]
+
+
+def count_ticks(top: int, most: int = 4) -> list[int]:
+    """Whole-number ticks from 0, evenly spaced, reaching at least ``top``."""
+    step = max(1, math.ceil(top / most))
+    return list(range(0, step * math.ceil(top / step) + 1, step))
 
 
 def step_ticks(state: DashboardState, count: int = 5) -> list[int]:
@@ -96,47 +154,98 @@ def _bins(count: int) -> int:
     return max(4, min(20, int(math.sqrt(count)) * 2))
 
 
-class RunStatus(Static):
-    """One or two lines: what is training, where it stands, how fast, how much memory."""
+class RunStatus(Widget):
+    """What is training, where it stands, how fast, how much memory, and a long phase's progress; every
+    figure on screen at any width: the parts wrap onto further lines instead of running off the edge."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.state = DashboardState()
+        self.source = ""
 
     def show(self, state: DashboardState, source: str) -> None:
-        run, latest = state.run, state.latest
-        total = state.total_steps
-        line = Text()
-        line.append(f" {state.phase.upper()} ", style=_PHASE_STYLES.get(state.phase, "reverse"))
-        what = [
-            run.get("objective"),
-            run.get("backend") and f"{run['backend']} {run.get('device', '')}".strip(),
-            run.get("dtype"),
-        ]
-        line.append("  " + " · ".join(str(w) for w in what if w) + f"  {source}")
-        progress = Text()
-        if total:
-            done = min(1.0, state.step / total)
-            filled = int(done * 20)
-            progress.append(f" step {state.step}/{total} ")
-            progress.append("█" * filled + "░" * (20 - filled), style="green")
-            progress.append(f" {done:4.0%}")
-        figures = []
-        for key, label, spec in (
-            ("loss", "loss", ".4f"),
-            ("rewards/margins", "margin", ".3f"),
-            ("rewards/accuracies", "acc", ".2f"),
-        ):
-            if isinstance(latest.get(key), (int, float)):
-                figures.append(f"{label} {latest[key]:{spec}}")
-        if latest.get("tokens_per_second"):
-            figures.append(f"{latest['tokens_per_second']:.0f} tok/s")
-        if latest.get("eta") is not None and state.phase == "training":
-            figures.append(f"ETA {format_duration(latest['eta'])}")
-        memory = latest.get("memory") or {}
-        peak = memory.get("peak_device") or memory.get("peak_rss")
-        if peak:
-            figures.append(f"mem {peak / GIB:.2f} GiB")
-        if isinstance(latest.get("learning_rate"), (int, float)):
-            figures.append(f"lr {latest['learning_rate']:.2e}")
-        progress.append("  " + " · ".join(figures))
-        self.update(Text("\n").join([line, progress]))
+        self.state, self.source = state, source
+        self.refresh(layout=True)
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        return len(status_lines(self.state, self.source, width))
+
+    def render(self) -> Text:
+        return Text("\n").join(status_lines(self.state, self.source, self.content_size.width))
+
+
+def status_lines(state: DashboardState, source: str, width: int) -> list[Text]:
+    run, latest = state.run, state.latest
+    bar = 20 if width >= 100 else 10
+    what = [
+        run.get("objective"),
+        run.get("backend") and f"{run['backend']} {run.get('device', '')}".strip(),
+        run.get("dtype"),
+    ]
+    head = [
+        Text(f" {state.phase.upper()} ", style=_PHASE_STYLES.get(state.phase, "reverse")),
+        Text(" · ".join(str(w) for w in what if w)),
+        Text(source),
+    ]
+    figures: list[Text] = []
+    total = state.total_steps
+    if total:
+        figures.append(_bar(f"step {state.step}/{total}", state.step / total, bar))
+    for key, label, spec in (
+        ("loss", "loss", ".4f"),
+        ("rewards/margins", "margin", ".3f"),
+        ("rewards/accuracies", "acc", ".2f"),
+    ):
+        if isinstance(latest.get(key), (int, float)):
+            figures.append(Text(f"{label} {latest[key]:{spec}}"))
+    if latest.get("tokens_per_second"):
+        figures.append(Text(f"{latest['tokens_per_second']:.0f} tok/s"))
+    if latest.get("eta") is not None and state.phase == "training":
+        figures.append(Text(f"ETA {format_duration(latest['eta'])}"))
+    memory = latest.get("memory") or {}
+    peak = memory.get("peak_device") or memory.get("peak_rss")
+    if peak:
+        figures.append(Text(f"mem {peak / GIB:.2f} GiB"))
+    if isinstance(latest.get("learning_rate"), (int, float)):
+        figures.append(Text(f"lr {latest['learning_rate']:.2e}"))
+    lines = _pack(head, width, "  ") + _pack(figures, width, " · ")
+    if state.progress:
+        lines += _pack(progress_parts(state.progress, bar), width, " · ")
+    return lines
+
+
+def progress_parts(event: dict, bar: int) -> list[Text]:
+    """A long phase's progress (loading, tokenizing, the reference pass, ...): a bar with a count and an ETA."""
+    done, total = event["done"], event["total"]
+    label = f"{event.get('phase', 'working')} {done}/{total} {event.get('unit', '')}".rstrip()
+    parts = [_bar(label, done / total, bar)]
+    if event.get("eta") is not None:
+        parts.append(Text(f"ETA {format_duration(event['eta'])}"))
+    return parts
+
+
+def _bar(label: str, done: float, width: int) -> Text:
+    done = min(1.0, max(0.0, done))
+    filled = int(done * width)
+    return Text.assemble(f"{label} ", ("█" * filled + "░" * (width - filled), "green"), f" {done:4.0%}")
+
+
+def _pack(parts: list[Text], width: int, separator: str) -> list[Text]:
+    """The parts in order, as many a line as fit in ``width`` (a part is never split unless it alone is wider)."""
+    lines: list[Text] = []
+    line = Text()
+    for part in parts:
+        if not part.plain:
+            continue
+        if line.plain and line.cell_len + len(separator) + part.cell_len > width:
+            lines.append(line)
+            line = Text()
+        elif line.plain:
+            line.append(separator)
+        line.append_text(part)
+    if line.plain:
+        lines.append(line)
+    return lines
 
 
 _PHASE_STYLES = {

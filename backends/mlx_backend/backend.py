@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from backends.mlx_backend.kernel import (
     sequence_logps,
     vocabulary_size,
 )
+from backends.mlx_backend.model_config import mlx_overrides, read_config
 from backends.mlx_backend.ops import MlxOps
 from backends.mlx_backend.shared_prompts import (
     SharedInputs,
@@ -57,6 +59,10 @@ LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 
 def _to_numpy(array: mx.array) -> np.ndarray:
     return np.array(array.astype(mx.float32) if array.dtype == mx.bfloat16 else array)
+
+
+class ModelConfigWarning(UserWarning):
+    """A model config key that mlx-lm ignores: the MLX model may differ from transformers'."""
 
 
 class MlxBackend(Backend):
@@ -86,6 +92,7 @@ class MlxBackend(Backend):
         self._base_seed = 0
         self._micro_batches = 0  # drives the dropout seed
         self._compiled: dict[tuple[int, float, bool, bool], Any] = {}
+        self.config_warnings: list[str] = []  # what the model's config says that mlx-lm ignores
 
     # -- model and adapter ------------------------------------------------------------------------------
 
@@ -95,14 +102,30 @@ class MlxBackend(Backend):
         location = resolve_model_path(path)
         check_model_folder(location, path)
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        overrides = self._config_overrides(location)
         try:
-            model, _ = load(location, tokenizer_config={"trust_remote_code": trust_remote_code})
+            model, _ = load(location, tokenizer_config={"trust_remote_code": trust_remote_code}, model_config=overrides)
         except (OSError, ValueError, KeyError, FileNotFoundError) as exc:
             raise ModelError(
                 f"model {path}: mlx-lm could not load it ({str(exc).splitlines()[0]}). A model folder "
                 "needs config.json and *.safetensors weights of an architecture mlx-lm supports."
             ) from None
         self.use_model(model, self.tokenizer, location)
+
+    def _config_overrides(self, location: str) -> dict[str, Any]:
+        """What mlx-lm must be told on top of the model's config.json to build the model transformers builds
+        (transformers 5 nests the rope base where mlx-lm does not look); warns about keys mlx-lm ignores."""
+        folder = Path(location)
+        if not folder.is_dir():  # a hub id: its config.json, from the same cache mlx-lm then loads from
+            from huggingface_hub import hf_hub_download
+
+            folder = Path(hf_hub_download(location, "config.json")).parent
+        source, config = read_config(folder)
+        overrides, notes = mlx_overrides(config, str(source))
+        for note in notes:
+            warnings.warn(note, ModelConfigWarning, stacklevel=3)
+        self.config_warnings = notes
+        return overrides
 
     def use_model(self, model: Any, tokenizer: Any, location: str) -> None:
         if self.dtype_choice != "auto":
