@@ -1,245 +1,28 @@
-"""The contract every backend implements, and backend selection.
+"""The backend contract, as backends import it. It lives in the library (`core.backend`), which the trainer
+and checkpoints use without knowing any implementation; backends are found through `app.backends`."""
 
-The core never touches torch or MLX: it hands a backend plain NumPy batches and gets plain floats and
-NumPy arrays back. A backend owns the model, its LoRA adapter, the optimizer and the hot kernels.
-"""
+from core.backend import (
+    CHUNK_LOGITS,
+    Backend,
+    BackendError,
+    BackendInfo,
+    BackendPlugin,
+    StepResult,
+    UpdateResult,
+    chunk_positions,
+    is_apple_silicon,
+    peak_rss_bytes,
+)
 
-from __future__ import annotations
-
-import platform
-import sys
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-
-from core.batching import Batch
-from core.config import Config, LoraConfig
-from core.distributed import SINGLE, Collective
-from core.errors import DuetError
-from core.objectives import Objective
-from core.objectives.ops import ArrayOps
-
-
-class BackendError(DuetError):
-    """A backend that cannot run here, or cannot do what was asked."""
-
-
-@dataclass
-class StepResult:
-    """What one forward(/backward) over a batch reports back, as plain numbers."""
-
-    metrics: dict[str, float]  # the objective's metrics (TRL names), means over the batch's pairs
-    margins: np.ndarray  # [B] per-pair reward margins (chosen - rejected), for the histogram
-    num_pairs: int
-    num_tokens: int  # real tokens in the batch (both sequences of each pair)
-
-
-@dataclass
-class UpdateResult:
-    grad_norm: float  # before clipping
-    applied: bool  # False when the gradient was not finite and the update was skipped
-    # fp16 loss scaling overflowed: an expected event (the scale is lowered and the step skipped), not a fault
-    overflow: bool = False
-
-
-@dataclass
-class BackendInfo:
-    name: str
-    device: str
-    dtype: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-class Backend(ABC):
-    """Model loading, LoRA, the masked log-prob kernel, reference log-probs, optimizer, adapter I/O, generation."""
-
-    name: str
-    ops: ArrayOps
-    tokenizer: Any
-    # what the loaded model's config says that this backend cannot honour exactly (shown as run warnings)
-    config_warnings: list[str] = []  # noqa: RUF012 - never mutated: a backend assigns its own list
-
-    # -- model and adapter ------------------------------------------------------------------------------
-
-    @abstractmethod
-    def load_model(self, path: str, *, trust_remote_code: bool = False) -> None:
-        """Load the base model and its tokenizer from a local folder or a hub id."""
-
-    @abstractmethod
-    def attach_lora(self, lora: LoraConfig, adapter_path: str | None = None) -> None:
-        """Add LoRA to the target modules: freshly initialized, or loaded from ``adapter_path``."""
-
-    @abstractmethod
-    def trainable_parameters(self) -> int: ...
-
-    @abstractmethod
-    def total_parameters(self) -> int: ...
-
-    # -- compute ----------------------------------------------------------------------------------------
-
-    @abstractmethod
-    def sequence_logps(self, batch: Batch, *, adapter: bool = True) -> np.ndarray:
-        """Summed response log-probs per row ([2B]), no gradient; ``adapter=False`` gives the base model."""
-
-    @abstractmethod
-    def forward_backward(
-        self,
-        batch: Batch,
-        objective: Objective,
-        reference: np.ndarray | None,
-        nll_weight: float,
-        scale: float,
-        sync: bool = True,
-    ) -> StepResult:
-        """Policy forward and backward on one micro-batch; gradients of ``scale`` × loss accumulate. Under
-        torchrun, ``sync`` (the step's last micro-batch) is when gradients are averaged across ranks."""
-
-    @abstractmethod
-    def evaluate(
-        self, batch: Batch, objective: Objective, reference: np.ndarray | None, nll_weight: float
-    ) -> StepResult:
-        """The objective on a batch with no gradient (eval mode)."""
-
-    @abstractmethod
-    def setup_optimizer(
-        self, *, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
-    ) -> None: ...
-
-    @abstractmethod
-    def apply_gradients(self, lr: float, max_grad_norm: float | None) -> UpdateResult:
-        """Clip, check finiteness, step AdamW at ``lr`` and clear gradients. A non-finite gradient is not applied."""
-
-    @abstractmethod
-    def discard_gradients(self) -> None:
-        """Drop the accumulated gradients without an update (a step whose loss was not finite)."""
-
-    # -- state ------------------------------------------------------------------------------------------
-
-    @abstractmethod
-    def adapter_weights(self) -> dict[str, np.ndarray]:
-        """The LoRA weights under PEFT's key names (``base_model.model....lora_A.weight``), as float32."""
-
-    @abstractmethod
-    def save_adapter(self, directory: Path) -> None:
-        """Write the adapter in this backend's native format into an existing, empty folder."""
-
-    @abstractmethod
-    def load_adapter(self, directory: Path) -> None:
-        """Load adapter weights written by ``save_adapter`` into the attached LoRA layers."""
-
-    @abstractmethod
-    def optimizer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """(arrays, JSON-able scalars) that restore the optimizer exactly."""
-
-    @abstractmethod
-    def load_optimizer_state(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None: ...
-
-    @abstractmethod
-    def rng_state(self) -> dict[str, np.ndarray]: ...
-
-    @abstractmethod
-    def set_rng_state(self, state: dict[str, np.ndarray]) -> None: ...
-
-    @abstractmethod
-    def seed(self, seed: int) -> None: ...
-
-    # -- generation and reporting -----------------------------------------------------------------------
-
-    @abstractmethod
-    def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        seed: int = 0,
-        adapter: bool = True,
-        stop_ids: list[int] | None = None,
-        pad_id: int = 0,
-    ) -> list[list[int]]:
-        """Token ids generated after each prompt (ids, template applied), stopping at ``stop_ids``; with the
-        adapter on or off. Sampling is seeded and leaves the training RNG untouched."""
-
-    @abstractmethod
-    def info(self) -> BackendInfo: ...
-
-    def memory(self) -> dict[str, float]:
-        """Memory figures in bytes (peak and current where known)."""
-        return {"peak_rss": peak_rss_bytes()}
-
-
-CHUNK_LOGITS = 1 << 25  # logits one kernel chunk may hold: [positions, vocab], 128 MiB in float32
-
-
-def chunk_positions(setting: int | str, vocab_size: int) -> int:
-    """Reply positions per LM-head chunk: the configured number, or for "auto" the largest power of two
-    whose ``[positions, vocab]`` logits stay within `CHUNK_LOGITS` (between 32 and 4096). Larger chunks
-    save little time once the head's matrix product is big enough to run at full speed, and cost memory."""
-    if setting != "auto":
-        return int(setting)
-    fit = max(1, CHUNK_LOGITS // max(1, vocab_size))
-    return min(4096, max(32, 1 << (fit.bit_length() - 1)))
-
-
-def peak_rss_bytes() -> float:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def is_apple_silicon() -> bool:
-    return sys.platform == "darwin" and platform.machine() == "arm64"
-
-
-def resolve_backend_name(choice: str) -> str:
-    """``auto``: MLX on Apple silicon (when it imports), torch elsewhere."""
-    if choice != "auto":
-        return choice
-    if is_apple_silicon():
-        try:
-            import mlx.core  # noqa: F401
-
-            return "mlx"
-        except ImportError:
-            pass
-    return "torch"
-
-
-def create_backend(config: Config, collective: Collective = SINGLE, device: str | None = None) -> Backend:
-    """The backend a config asks for (not yet loaded). Under torchrun, ``collective`` and the rank's ``device``."""
-    name = resolve_backend_name(config.model.backend)
-    if collective.enabled and name != "torch":
-        raise BackendError(f"torchrun runs the torch backend; this config asks for {name} (set model.backend=torch).")
-    if name == "torch":
-        from backends.torch_backend.backend import TorchBackend
-
-        backend: Backend = TorchBackend(
-            collective=collective,
-            device=device or config.model.device,
-            dtype=config.model.dtype,
-            gradient_checkpointing=config.model.gradient_checkpointing,
-            chunk_size=config.model.logprob_chunk_size,
-            share_prompts=config.model.share_prompts,
-        )
-    elif name == "mlx":
-        try:
-            from backends.mlx_backend.backend import MlxBackend
-        except ImportError as exc:
-            raise BackendError(
-                f"the MLX backend cannot run here: {exc}. Install mlx and mlx-lm "
-                "(pip install 'mlx[cpu]' mlx-lm on Linux), or set model.backend=torch."
-            ) from None
-        backend = MlxBackend(
-            dtype=config.model.dtype,
-            gradient_checkpointing=config.model.gradient_checkpointing,
-            chunk_size=config.model.logprob_chunk_size,
-            share_prompts=config.model.share_prompts,
-        )
-    else:
-        raise BackendError(f"unknown backend '{name}'; choose auto, torch or mlx.")
-    return backend
+__all__ = [
+    "CHUNK_LOGITS",
+    "Backend",
+    "BackendError",
+    "BackendInfo",
+    "BackendPlugin",
+    "StepResult",
+    "UpdateResult",
+    "chunk_positions",
+    "is_apple_silicon",
+    "peak_rss_bytes",
+]

@@ -15,7 +15,7 @@ from core.errors import DuetError
 from core.model_card import checkpoint_card
 
 if TYPE_CHECKING:
-    from backends.base import Backend
+    from core.backend import Backend
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FORMAT = 1  # raised whenever what a checkpoint holds changes

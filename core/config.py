@@ -41,8 +41,8 @@ class ModelConfig:
     path: str = option(
         "demo", 'local model folder, hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), or "demo" (the built-in tiny chat model)'
     )
-    backend: Literal["auto", "torch", "mlx"] = option(
-        "auto", "torch or mlx; auto: MLX on Apple silicon, torch elsewhere"
+    backend: str = option(
+        "auto", "torch, mlx or an installed backend plugin; auto: MLX on Apple silicon, torch elsewhere"
     )
     device: Literal["auto", "cuda", "mps", "cpu"] = option(
         "auto", "torch backend only: cuda, mps or cpu; auto: the first of them this machine has"
@@ -67,6 +67,8 @@ class ModelConfig:
             _positive("model.logprob_chunk_size", self.logprob_chunk_size)
         if not self.path.strip():
             raise ConfigError("model.path is empty: give a local model folder, a hub id, or 'demo'.")
+        if not self.backend.strip():
+            raise ConfigError("model.backend is empty: auto, torch, mlx, or the name of an installed backend plugin.")
 
 
 @dataclass

@@ -164,7 +164,7 @@ def write_merged(folder: Path, model: Path, adapter: Adapter) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from backends.mlx_backend.model_config import with_both_rope_forms
+    from core.model_config import with_both_rope_forms
 
     shards = sorted(model.glob("*.safetensors"))
     if not shards:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import DuetError
+from core.named import NAMED_MODELS
 
 
 class ModelError(DuetError):
@@ -15,10 +16,8 @@ class ModelError(DuetError):
 
 def resolve_model_path(path: str) -> str:
     """A local folder as an absolute path; anything else is taken for a hub id."""
-    if path == "demo":
-        from models.tiny_chat import ensure_demo_model
-
-        return str(ensure_demo_model())
+    if path in NAMED_MODELS:  # "demo"
+        return str(NAMED_MODELS[path]())
     local = Path(path).expanduser()
     if local.exists():
         if not local.is_dir():

@@ -11,6 +11,7 @@ import numpy as np
 from core.config import DataConfig
 from core.data import LoadReport, PreferencePair, load_preferences
 from core.errors import DataError
+from core.named import NAMED_DATA
 from core.token_cache import tokenize_cached
 from core.tokenization import ChatTokenizer, TokenizedPair, TokenizeReport
 
@@ -32,10 +33,8 @@ class PreparedData:
 
 
 def resolve_data_source(source: str) -> str:
-    if source == "demo":
-        from models.tiny_chat import demo_data_path
-
-        return str(demo_data_path())
+    if source in NAMED_DATA:  # "demo"
+        return str(NAMED_DATA[source]())
     return source
 
 

@@ -25,7 +25,7 @@ from core.fingerprint import combine, tokens_fingerprint
 from core.tokenization import TokenizedPair
 
 if TYPE_CHECKING:
-    from backends.base import Backend
+    from core.backend import Backend
 
 
 @dataclass

@@ -30,7 +30,7 @@ from core.schedule import learning_rate, warmup_steps
 from core.tokenization import TokenizedPair
 
 if TYPE_CHECKING:
-    from backends.base import Backend, StepResult, UpdateResult
+    from core.backend import Backend, StepResult, UpdateResult
 
 
 class NonFiniteError(DuetError):
@@ -170,7 +170,7 @@ class StepResultShape:
 
     @staticmethod
     def empty(objective: Objective, config: Config) -> StepResult:
-        from backends.base import StepResult
+        from core.backend import StepResult
         from core.objectives import NumpyOps, PolicyOutputs, evaluate
 
         one = np.ones(1)

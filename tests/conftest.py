@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import app  # noqa: F401 - the application registers what "demo" means, as every entry point does
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 DATA = SHARED / "data"
 TOKENIZERS = SHARED / "tokenizers"

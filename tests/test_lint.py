@@ -1,4 +1,4 @@
-"""The code stays ruff-clean (lint and format), checked with the rest of the suite."""
+"""The code stays ruff-clean (lint and format) and keeps its layers, checked with the rest of the suite."""
 
 from __future__ import annotations
 
@@ -19,3 +19,13 @@ def test_ruff_is_clean(command: list[str]) -> None:
         pytest.skip("ruff is not installed (pip install -e '.[dev]')")
     result = subprocess.run([ruff, *command], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_layers_hold() -> None:
+    """No upward import: the library imports no backend, application or interface (pyproject.toml's contracts)."""
+    lint_imports = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+    if lint_imports is None:
+        pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
+    result = subprocess.run([lint_imports], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout

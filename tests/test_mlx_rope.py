@@ -20,9 +20,9 @@ mx = pytest.importorskip("mlx.core")
 import torch  # noqa: E402
 
 from backends.mlx_backend.backend import MlxBackend  # noqa: E402
-from backends.mlx_backend.model_config import config_warnings, mlx_overrides, with_both_rope_forms  # noqa: E402
 from core.adapters import Adapter  # noqa: E402
 from core.export import write_merged  # noqa: E402
+from core.model_config import config_warnings, mlx_overrides, with_both_rope_forms  # noqa: E402
 from core.models_io import ModelError  # noqa: E402
 from tests.helpers import DEMO_MODEL  # noqa: E402
 
@@ -183,7 +183,7 @@ def test_ignored_keys_are_warned_about(tmp_path: Path) -> None:
 def test_doctor_names_what_mlx_ignores(tmp_path: Path) -> None:
     from rich.console import Console
 
-    from core.doctor import doctor
+    from app.doctor import doctor
 
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0], "long_factor": [1.0]}
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "rope_parameters": rope}))

@@ -49,7 +49,7 @@ class DuetApp(App):
             self.push_screen(DashboardScreen(session=TrainingSession(resume=self.resume)))
         else:
             if self.initial_config is None:
-                from core.run import resolve_config
+                from app.run import resolve_config
 
                 self.initial_config = resolve_config(None, ())
             self.push_screen(SetupScreen(self.initial_config, source=self.source))

@@ -283,7 +283,7 @@ class DashboardScreen(Screen):
 
             config = RunDirectory.open(run_dir).load_config()
         if config is None:
-            from core.run import resolve_config
+            from app.run import resolve_config
 
             config = resolve_config(None, ())
         config = next_run_config(config)

@@ -1,4 +1,4 @@
-"""A training run driven from the TUI: ``core.run.run`` in a worker thread, its events posted as messages.
+"""A training run driven from the TUI: ``app.run.run`` in a worker thread, its events posted as messages.
 
 The UI thread never waits on training. Pause, stop and "save now" go through ``RunControl`` and take
 effect between optimizer steps; generation for the "try it" panel takes the step lock, so it runs between
@@ -56,7 +56,7 @@ class TrainingSession:
 
     def run(self, post: Callable[[Message], Any]) -> None:
         """The whole run; call it in a worker thread. Every outcome arrives as a message through ``post``."""
-        from core.run import run
+        from app.run import run
 
         def on_event(event: dict[str, Any]) -> None:
             if event.get("type") == "start":

@@ -19,6 +19,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Select, Static
 
+from app.backends import backend_names
 from core.config import DEFAULT_BETA, Config, config_from_dict
 from core.errors import DuetError
 
@@ -65,7 +66,7 @@ FIELDS = (
     Field("train.lr", "Learning rate"),
     Field("train.batch_size", "Batch (pairs)"),
     Field("train.grad_accum", "Grad accumulation"),
-    Field("model.backend", "Backend", "", choices=("auto", "torch", "mlx")),
+    Field("model.backend", "Backend", "", choices=("auto", *backend_names())),  # the registered backends
     Field("train.output_dir", "Output folder", "run folders go here"),
     Field("train.run_name", "Run name", "empty: date and time", optional=True),
 )
@@ -81,8 +82,8 @@ def get(config: dict[str, Any], key: str) -> Any:
 
 
 def backend_note() -> str:
-    from backends.base import resolve_backend_name
-    from core.doctor import mlx_report, torch_report
+    from app.backends import resolve_backend_name
+    from app.doctor import mlx_report, torch_report
 
     chosen = resolve_backend_name("auto")
     torch_info, mlx_info = torch_report(), mlx_report()
@@ -160,8 +161,8 @@ class SetupScreen(Screen):
 
     def current_config(self) -> Config | None:
         """The form as a validated Config, or None with the error shown."""
+        from app.run import absolute_paths
         from core.config import apply_override
-        from core.run import absolute_paths
 
         data = yaml.safe_load(yaml.safe_dump(self.base))
         try:

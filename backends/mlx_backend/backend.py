@@ -38,7 +38,6 @@ from backends.mlx_backend.kernel import (
     sequence_logps,
     vocabulary_size,
 )
-from backends.mlx_backend.model_config import mlx_overrides, read_config
 from backends.mlx_backend.ops import MlxOps
 from backends.mlx_backend.shared_prompts import (
     SharedInputs,
@@ -50,6 +49,7 @@ from backends.mlx_backend.shared_prompts import (
 from core.adapters import MLX_WEIGHTS, Adapter, AdapterError, mlx_tensors, read_adapter, write_mlx
 from core.batching import Batch, sharing_pays
 from core.config import LoraConfig
+from core.model_config import mlx_overrides, read_config
 from core.models_io import ModelError, check_model_folder, load_tokenizer, resolve_model_path
 from core.objectives import Objective, PolicyOutputs, evaluate
 

@@ -78,7 +78,7 @@ def mlx_report() -> dict[str, Any]:
 def model_report(path: str) -> list[str]:
     """What the MLX backend would ignore or refuse in a local model folder's config.json (rope settings mlx-lm
     cannot map, keys it does not read); empty when MLX builds the model transformers builds."""
-    from backends.mlx_backend.model_config import config_warnings
+    from core.model_config import config_warnings
     from core.models_io import ModelError, resolve_model_path
 
     try:
@@ -89,7 +89,8 @@ def model_report(path: str) -> list[str]:
 
 def doctor(console: Console | None = None, model: str | None = None) -> int:
     """The machine report; with ``model`` (a local folder), also what the MLX side ignores in its config."""
-    from backends.base import is_apple_silicon, resolve_backend_name
+    from app.backends import resolve_backend_name
+    from core.backend import is_apple_silicon
 
     console = console or Console()
     memory = _memory_bytes()

@@ -1,0 +1,176 @@
+"""The ``duet`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.text import Text
+
+from core.errors import DuetError
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from core.inspection import run_inspect
+
+    columns = dict(_key_value(item, "--column") for item in args.column)
+    return run_inspect(
+        args.data,
+        args.model,
+        console=Console(soft_wrap=True),
+        skip_invalid=args.skip_invalid,
+        format=args.format,
+        columns=columns,
+        split=args.split,
+        chat_template=args.chat_template,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length or None,
+        show=args.show,
+        full=args.full,
+        batch_size=args.batch_size,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from core.export import export_adapter
+
+    result = export_adapter(args.source, args.to, args.out, base_model=args.base_model, force=args.force)
+    text = f"wrote the {args.to} export of {result.source.describe()} to {result.out}"
+    Console(soft_wrap=True).print(text, highlight=False, markup=False)  # soft wrap: paths stay whole
+    return 0
+
+
+def _tui(config: str | None = None, watch: str | None = None, resume: str | None = None, wait: bool = False) -> int:
+    from tui.app import run_app
+
+    return run_app(config, watch=watch, resume=resume, wait=wait)
+
+
+def _doctor(model: str | None = None) -> int:
+    from app.doctor import doctor
+
+    return doctor(model=model)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from core.config import config_keys_text, config_yaml
+
+    sys.stdout.write(config_yaml() if args.yaml else config_keys_text() + "\n")
+    return 0
+
+
+def _run_main(argv: list[str]) -> int:
+    from app.run import main as run_main
+
+    return run_main(argv)
+
+
+def _bench_main(argv: list[str]) -> int:
+    from bench.__main__ import main as bench_main
+
+    return bench_main(argv)
+
+
+def _key_value(text: str, flag: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise DuetError(f"{flag} {text!r}: expected DUET_NAME=YOUR_COLUMN, e.g. prompt=question.")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duet", description="Preference fine-tuning (DPO, SimPO, ...) with LoRA.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser("run", help="train headless (no arguments: the built-in demo)", add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    train.set_defaults(func=lambda args: _run_main(args.args))
+
+    export = commands.add_parser("export", help="convert an adapter: PEFT ↔ mlx-lm, or merge it into the model")
+    export.add_argument("source", help="a run directory, a checkpoint, or an adapter folder (PEFT or mlx-lm)")
+    export.add_argument("--to", required=True, choices=["peft", "mlx", "merged"])
+    export.add_argument("out", help="the folder to write (must not exist, or be empty, unless --force)")
+    export.add_argument("--base-model", help="the base model (default: the run's model or the adapter's record)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    export.set_defaults(func=_export)
+
+    tui = commands.add_parser("tui", help="the terminal UI (also what `duet` alone opens)")
+    tui.add_argument("--config", help="open this config file in the set-up screen")
+    tui.add_argument("--resume", metavar="RUN_DIR", help="resume an interrupted run and watch it train")
+    tui.set_defaults(func=lambda args: _tui(config=args.config, resume=args.resume))
+
+    watch = commands.add_parser("watch", help="follow a headless run's metrics (read-only dashboard)")
+    watch.add_argument("run_dir", help="the run directory (its metrics.jsonl is followed as it grows)")
+    watch.add_argument("--wait", action="store_true", help="wait for a run that has not created RUN_DIR yet")
+    watch.set_defaults(func=lambda args: _tui(watch=args.run_dir, wait=args.wait))
+
+    doctor = commands.add_parser("doctor", help="what this machine offers each backend")
+    doctor.add_argument("--model", help="also check this model folder's config for what the MLX backend ignores")
+    doctor.set_defaults(func=lambda args: _doctor(args.model))
+
+    config = commands.add_parser("config", help="list every config key with its default and what it does")
+    config.add_argument("--yaml", action="store_true", help="print a complete config file, every key commented")
+    config.set_defaults(func=_config)
+
+    bench = commands.add_parser("bench", help="measure speed and memory on a named workload", add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=lambda args: _bench_main(args.args))
+
+    inspect = commands.add_parser("inspect", help="validate and tokenize preference data, show a pair token by token")
+    inspect.add_argument("data", help="a .jsonl/.json/.parquet file (optionally .gz), dataset folder or hub id")
+    inspect.add_argument("--model", required=True, help="model folder or hub id whose tokenizer to use ('demo')")
+    inspect.add_argument("--skip-invalid", action="store_true", help="skip bad rows (counted) instead of stopping")
+    inspect.add_argument("--format", default="auto", help="force a data format instead of detecting it")
+    inspect.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="NAME=COLUMN",
+        help="read Duet's NAME (prompt, chosen, rejected, ...) from your COLUMN",
+    )
+    inspect.add_argument("--split", default="train", help="dataset split (folders and hub ids)")
+    inspect.add_argument("--chat-template", default="auto", help="auto | plain | chatml | path to a .jinja file")
+    inspect.add_argument("--max-length", type=int, default=1024)
+    inspect.add_argument("--max-prompt-length", type=int, default=512, help="0 for no prompt limit")
+    inspect.add_argument("--show", type=int, default=0, help="which usable pair to render (0-based)")
+    inspect.add_argument("--full", action="store_true", help="render long prompts in full")
+    inspect.add_argument("--batch-size", type=int, default=4, help="pairs per batch, for the padding estimate")
+    inspect.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a model folder's own Python code to run (off by default)",
+    )
+    inspect.set_defaults(func=_inspect)
+    return parser
+
+
+PASS_THROUGH = {"run": _run_main, "bench": _bench_main}  # commands with parsers of their own
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASS_THROUGH:  # argparse would read their options ("--config") as duet's own
+        try:
+            return PASS_THROUGH[argv[0]](argv[1:])
+        except KeyboardInterrupt:
+            return 130
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if handler is None:  # `duet` alone: the terminal UI
+        handler = lambda _: _tui()  # noqa: E731
+    try:
+        return handler(args)
+    except DuetError as exc:
+        # a Text, not markup: messages hold brackets such as "chosen[1]" that rich would read as tags
+        Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
