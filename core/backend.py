@@ -210,3 +210,24 @@ def is_apple_silicon() -> bool:
     import platform
 
     return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def check_adapter_fits(
+    directory: object, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], extra: list[str] = ()
+) -> None:
+    """Raise a clear error when an adapter's tensors (``found``: name → shape, in this backend's naming) do not
+    fit the LoRA layers attached (``expected``); ``extra`` names tensors it has where this model has no LoRA."""
+    missing = sorted(set(expected) - set(found))
+    wrong = sorted(k for k in expected.keys() & found.keys() if tuple(found[k]) != tuple(expected[k]))
+    if not (missing or extra or wrong):
+        return
+    if missing:
+        problem = f"it lacks {missing[0]}"
+    elif extra:
+        problem = f"it has {sorted(extra)[0]}, which this model has no LoRA on"
+    else:
+        problem = f"{wrong[0]} has shape {tuple(found[wrong[0]])}, this model needs {tuple(expected[wrong[0]])}"
+    raise BackendError(
+        f"{directory}: the adapter does not fit this model and LoRA settings: {problem}. Use "
+        "the base model and LoRA settings it was trained with (see its adapter_config.json)."
+    )

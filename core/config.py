@@ -17,11 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from core.errors import ConfigError
-
-OBJECTIVE_NAMES = ("dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft")
-DEFAULT_BETA = {"dpo": 0.1, "dpo_norm": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "sft": 0.0}
-DEFAULT_SIMPO_GAMMA_BETA_RATIO = 0.5
-
+from core.objectives import OBJECTIVES
 
 # Every field carries one line of help in its metadata: ``duet config`` and ``python -m core.run --help`` list
 # the keys from it, so the listing cannot drift from the dataclasses (a test checks that none lacks help).
@@ -168,11 +164,17 @@ class LoraConfig:
             _positive("lora.layers", self.layers)
 
 
+def _objective_help() -> str:
+    return f"the loss: {', '.join(OBJECTIVES)} (each described below)"
+
+
+def _naming(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 @dataclass
 class ObjectiveConfig:
-    name: Literal["dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft"] = option(
-        "dpo", "the loss: dpo, dpo_norm (length-normalized DPO), simpo, ipo, hinge, or sft (chosen replies only)"
-    )
+    name: str = option("dpo", _objective_help())
     beta: float | None = option(None, "the preference strength β; null: the objective's usual value (0.1; SimPO 2.0)")
     gamma: float | None = option(None, "SimPO only: the target reward margin γ, absolute")
     gamma_beta_ratio: float | None = option(
@@ -183,36 +185,40 @@ class ObjectiveConfig:
     nll_weight: float = option(0.0, "weight of a per-token NLL loss on the chosen replies, added to the objective")
 
     def validate(self) -> None:
-        if self.beta is not None and self.name != "sft":
+        """What every objective's declaration says (its name, whether it takes β, which options), then the
+        objective's own checks."""
+        if self.name not in OBJECTIVES:
+            raise ConfigError(
+                f"objective.name: '{self.name}' is not allowed{_suggest(self.name, OBJECTIVES)}; "
+                f"choose one of {', '.join(OBJECTIVES)}."
+            )
+        declared = OBJECTIVES[self.name]
+        if self.beta is not None and declared.default_beta is not None:
             _positive("objective.beta", self.beta)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"objective.label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
-        if self.label_smoothing and self.name not in ("dpo", "dpo_norm", "simpo"):
-            raise ConfigError(f"objective.label_smoothing applies to dpo, dpo_norm and simpo, not {self.name}.")
-        if self.robust and self.name not in ("dpo", "dpo_norm"):
-            raise ConfigError(f"objective.robust applies to dpo and dpo_norm, not {self.name}.")
-        if self.robust and not self.label_smoothing:
-            raise ConfigError(
-                "objective.robust needs objective.label_smoothing > 0 (the assumed rate of flipped "
-                "labels); with 0 it is plain DPO."
-            )
-        if self.name != "simpo" and (self.gamma is not None or self.gamma_beta_ratio is not None):
-            raise ConfigError(f"objective.gamma / gamma_beta_ratio apply to simpo only, not {self.name}.")
-        if self.gamma is not None and self.gamma_beta_ratio is not None:
-            raise ConfigError("set objective.gamma or objective.gamma_beta_ratio, not both.")
+        given = {
+            "label_smoothing": bool(self.label_smoothing),
+            "robust": self.robust,
+            "gamma": self.gamma is not None or self.gamma_beta_ratio is not None,
+        }
+        for option_name, set_here in given.items():
+            if set_here and option_name not in declared.options:
+                takers = [name for name, cls in OBJECTIVES.items() if option_name in cls.options]
+                key = "gamma / gamma_beta_ratio apply" if option_name == "gamma" else f"{option_name} applies"
+                only = " only" if len(takers) == 1 else ""
+                raise ConfigError(f"objective.{key} to {_naming(takers)}{only}, not {self.name}.")
         if self.nll_weight < 0:
             raise ConfigError(f"objective.nll_weight must be ≥ 0, got {self.nll_weight}.")
+        declared.check_config(self)
 
     @property
     def resolved_beta(self) -> float:
-        return DEFAULT_BETA[self.name] if self.beta is None else self.beta
-
-    @property
-    def resolved_gamma(self) -> float:
-        if self.gamma is not None:
-            return self.gamma
-        ratio = DEFAULT_SIMPO_GAMMA_BETA_RATIO if self.gamma_beta_ratio is None else self.gamma_beta_ratio
-        return ratio * self.resolved_beta
+        """β as given, or the objective's declared default (0.0 for an objective that takes none)."""
+        if self.beta is not None:
+            return self.beta
+        default = OBJECTIVES[self.name].default_beta
+        return 0.0 if default is None else default
 
 
 @dataclass
@@ -336,6 +342,11 @@ def config_keys_text() -> str:
     for name, help, part in sections:
         lines.append(f"{name}: {help}")
         lines += [f"  {o.key:<{key_width}}  {yaml_value(o.default):<{value_width}}  {o.help}" for o in part]
+    lines.append("objectives (objective.name), as each declares itself:")
+    for name, declared in OBJECTIVES.items():
+        beta = "no β" if declared.default_beta is None else f"β {declared.default_beta}"
+        reference = "reference-free" if declared.is_reference_free else "reference model"
+        lines.append(f"  {name:<{key_width}}  {beta}, {reference}: {declared.summary}")
     return "\n".join(lines)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from core import __version__
 from core.config import Config
+from core.objectives import build_objective
 
 
 def model_card(
@@ -20,11 +22,12 @@ def model_card(
     backend: str,
 ) -> str:
     objective = config.objective
-    hyper = [f"beta {objective.resolved_beta}"]
-    if objective.name == "simpo":
-        hyper.append(f"gamma {objective.resolved_gamma}")
-    if objective.label_smoothing:
-        hyper.append(f"label smoothing {objective.label_smoothing}{' (robust)' if objective.robust else ''}")
+    built = build_objective(objective)  # its hyper-parameters as trained, defaults resolved
+    hyper = [
+        f"{f.name.replace('_', ' ')} {value}"
+        for f in fields(built)
+        if (value := getattr(built, f.name)) or f.name == "beta"  # β always; options only when on
+    ]
     if objective.nll_weight:
         hyper.append(f"NLL weight {objective.nll_weight}")
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(final_metrics.items()) if isinstance(v, (int, float)))

@@ -171,13 +171,9 @@ class StepResultShape:
     @staticmethod
     def empty(objective: Objective, config: Config) -> StepResult:
         from core.backend import StepResult
-        from core.objectives import NumpyOps, PolicyOutputs, evaluate
+        from core.objectives import metric_names
 
-        one = np.ones(1)
-        names = evaluate(
-            objective, NumpyOps(), PolicyOutputs(one, one, one, one, one, one), config.objective.nll_weight
-        ).metrics
-        return StepResult({k: 0.0 for k in names}, np.zeros(0), 0, 0)
+        return StepResult({k: 0.0 for k in metric_names(objective, config.objective.nll_weight)}, np.zeros(0), 0, 0)
 
 
 def _describe_batch(micro: list[tuple[int, int, np.ndarray]], data: TrainData) -> str:

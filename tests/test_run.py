@@ -16,8 +16,8 @@ import pytest
 from rich.console import Console
 from safetensors.numpy import load_file
 
-from core.config import OBJECTIVE_NAMES
 from core.metrics import read_metrics
+from core.objectives import OBJECTIVES
 from core.run import main, run
 from core.trainer import RunControl
 from tests.helpers import quick_config
@@ -82,7 +82,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path: Path) 
         np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-9, err_msg=key)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVE_NAMES)
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_every_objective_trains_end_to_end(tmp_path: Path, objective: str) -> None:
     config = quick_config(tmp_path, objective={"name": objective}, train={"max_steps": 8, "eval_every": 1})
     result = run(config, console=quiet())

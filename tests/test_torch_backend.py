@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.base import BackendError
 from backends.torch_backend.backend import TorchBackend, enable_checkpointing
+from core.backend import BackendError
 from core.batching import collate
 from core.config import LoraConfig
 from core.data import load_preferences

@@ -20,21 +20,20 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Select, Static
 
 from app.backends import backend_names
-from core.config import DEFAULT_BETA, Config, config_from_dict
+from core.config import Config, config_from_dict
 from core.errors import DuetError
+from core.objectives import OBJECTIVES
 
-OBJECTIVE_HELP = {
-    "dpo": "DPO: prefers chosen over rejected relative to a reference model (the base model, adapter off), "
-    "computed once before training and cached. β 0.1 is the usual start.",
-    "dpo_norm": "Length-normalized DPO: DPO on per-token log-ratios, so longer replies earn no advantage. Needs "
-    "the reference model.",
-    "simpo": "SimPO needs no reference model: it compares average log-probs with a target margin γ. Typical "
-    "β 2.0–2.5 with γ/β about 0.5.",
-    "ipo": "IPO: a squared loss that does not saturate, robust to over-fitting deterministic preferences. Needs the "
-    "reference model; β is τ in the paper (0.1).",
-    "hinge": "Hinge (SLiC): max(0, 1 − β·margin). Needs the reference model.",
-    "sft": "SFT: plain likelihood of the chosen replies, no preference; reference-free.",
-}
+
+def objective_help(name: str) -> str:
+    """The objective's own one-line summary, with its default β (from its declaration)."""
+    declared = OBJECTIVES[name]
+    summary = declared.summary[0].upper() + declared.summary[1:]
+    return summary + (f"; default β {declared.default_beta}." if declared.default_beta is not None else ".")
+
+
+def default_beta(name: str) -> float:
+    return OBJECTIVES[name].default_beta or 0.0
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ FIELDS = (
     Field("data.eval_fraction", "Eval fraction", "share held out for evaluation"),
     Field("data.max_length", "Max length", "tokens: prompt + reply"),
     Field("data.max_prompt_length", "Max prompt", "prompt tokens kept (the end)", optional=True),
-    Field("objective.name", "Objective", "", choices=("dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft")),
+    Field("objective.name", "Objective", "", choices=tuple(OBJECTIVES)),  # every declared objective
     Field("objective.beta", "β", "empty: the objective's default", optional=True),
     Field("objective.gamma_beta_ratio", "γ/β (SimPO)", "SimPO's margin relative to β", optional=True),
     Field("objective.label_smoothing", "Label smoothing", "share of flipped labels (cDPO)"),
@@ -125,7 +124,7 @@ class SetupScreen(Screen):
                         yield Input(text, placeholder=self._placeholder(field), id=field_id(field.key), compact=True)
                     yield Static(field.help, classes="field-help")
                 if field.key == "objective.name":
-                    yield Static(OBJECTIVE_HELP[value], id="objective-help")
+                    yield Static(objective_help(value), id="objective-help")
                 if field.key == "model.backend":
                     yield Static(backend_note(), id="backend-note")
                 if field.key == "data.train":
@@ -141,7 +140,7 @@ class SetupScreen(Screen):
 
     def _placeholder(self, field: Field) -> str:
         if field.key == "objective.beta":
-            return f"default {DEFAULT_BETA[get(self.base, 'objective.name')]}"
+            return f"default {default_beta(get(self.base, 'objective.name'))}"
         return "default" if field.optional else ""
 
     # -- form ↔ config --------------------------------------------------------------------------------
@@ -178,15 +177,15 @@ class SetupScreen(Screen):
     @on(Select.Changed, f"#{field_id('objective.name')}")
     def objective_changed(self, event: Select.Changed) -> None:
         name = str(event.value)
-        self.query_one("#objective-help", Static).update(OBJECTIVE_HELP[name])
+        self.query_one("#objective-help", Static).update(objective_help(name))
         previous = self.base["objective"]["name"]
         if name == previous:
             return
         self.base["objective"]["name"] = name
         beta = self.query_one(f"#{field_id('objective.beta')}", Input)
-        beta.placeholder = f"default {DEFAULT_BETA[name]}"
+        beta.placeholder = f"default {default_beta(name)}"
         try:
-            typed = float(beta.value) != DEFAULT_BETA[previous]
+            typed = float(beta.value) != default_beta(previous)
         except ValueError:
             typed = bool(beta.value.strip())  # not a number: the user's to fix, not ours to clear
         if not typed:  # empty, or the previous objective's default: the new objective's default applies

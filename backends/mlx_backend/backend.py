@@ -21,15 +21,6 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from backends.base import (
-    Backend,
-    BackendError,
-    BackendInfo,
-    StepResult,
-    UpdateResult,
-    chunk_positions,
-    peak_rss_bytes,
-)
 from backends.mlx_backend.kernel import (
     Positions,
     chunked_token_logps,
@@ -47,11 +38,21 @@ from backends.mlx_backend.shared_prompts import (
     shared_sequence_logps,
 )
 from core.adapters import MLX_WEIGHTS, Adapter, AdapterError, mlx_tensors, read_adapter, write_mlx
+from core.backend import (
+    Backend,
+    BackendError,
+    BackendInfo,
+    StepResult,
+    UpdateResult,
+    check_adapter_fits,
+    chunk_positions,
+    peak_rss_bytes,
+)
 from core.batching import Batch, sharing_pays
 from core.config import LoraConfig
 from core.model_config import mlx_overrides, read_config
 from core.models_io import ModelError, check_model_folder, load_tokenizer, resolve_model_path
-from core.objectives import Objective, PolicyOutputs, evaluate
+from core.objectives import Objective, PolicyOutputs, evaluate, metric_names
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
@@ -250,16 +251,7 @@ class MlxBackend(Backend):
 
         def loss(model, arrays, lengths, reference, has_reference, scale):
             logps = self._logps(model, arrays, shared, token_logps, lengths.shape[0])
-            pairs = lengths.shape[0] // 2
-            ref = reference if has_reference else None
-            outputs = PolicyOutputs(
-                logps[:pairs],
-                logps[pairs:],
-                lengths[:pairs],
-                lengths[pairs:],
-                None if ref is None else ref[:pairs],
-                None if ref is None else ref[pairs:],
-            )
+            outputs = PolicyOutputs.from_rows(logps, lengths, reference if has_reference else None)
             result = evaluate(objective, ops, outputs, nll_weight)
             # One auxiliary array (metrics, then per-pair margins): mx.compile over value_and_grad fails
             # ("_Map_base::at") when a function returns several auxiliary arrays (mlx 0.32).
@@ -272,14 +264,7 @@ class MlxBackend(Backend):
         key = (id(objective), nll_weight, train, shared)
         if key not in self._compiled:
             loss = self._loss_function(objective, nll_weight, shared)
-            metric_names = sorted(
-                evaluate(
-                    objective,
-                    self.ops,
-                    PolicyOutputs(mx.zeros(1), mx.zeros(1), mx.ones(1), mx.ones(1), mx.zeros(1), mx.zeros(1)),
-                    nll_weight,
-                ).metrics
-            )
+            names = metric_names(objective, nll_weight)
             if train:
                 value_and_grad = nn.value_and_grad(self.model, loss)
 
@@ -297,7 +282,7 @@ class MlxBackend(Backend):
             # The model state is an output too: nn.value_and_grad writes the traced parameters into the model
             # while tracing, and listing the state as an output puts the real arrays back after each call.
             state = [self.model.state, mx.random.state]
-            self._compiled[key] = (mx.compile(step, inputs=state, outputs=state), metric_names)
+            self._compiled[key] = (mx.compile(step, inputs=state, outputs=state), names)
         return self._compiled[key]
 
     def _run(
@@ -405,22 +390,10 @@ class MlxBackend(Backend):
         except AdapterError as exc:
             raise BackendError(str(exc)) from None
         current = dict(tree_flatten(self.model.trainable_parameters()))
-        missing = sorted(set(current) - set(tensors))
-        extra = sorted(k for k in tensors if k not in current and np.any(tensors[k]))
-        wrong = sorted(k for k in current.keys() & tensors.keys() if tuple(current[k].shape) != tensors[k].shape)
-        if missing or extra or wrong:
-            problem = (
-                f"it lacks {missing[0]}"
-                if missing
-                else f"it has {extra[0]}, which this model has no LoRA on"
-                if extra
-                else f"{wrong[0]} has shape {tensors[wrong[0]].shape}, this model needs "
-                f"{tuple(current[wrong[0]].shape)}"
-            )
-            raise BackendError(
-                f"{directory}: the adapter does not fit this model and LoRA settings: {problem}. Use "
-                "the base model and LoRA settings it was trained with (see its adapter_config.json)."
-            )
+        # zero matrices stand for layers a PEFT adapter left alone (layers_to_transform): not an extra
+        extra = [k for k in tensors if k not in current and np.any(tensors[k])]
+        expected = {k: tuple(v.shape) for k, v in current.items()}
+        check_adapter_fits(directory, expected, {k: tuple(v.shape) for k, v in tensors.items()}, extra)
         dtype = next(iter(current.values())).dtype
         self.model.load_weights([(k, mx.array(tensors[k]).astype(dtype)) for k in current], strict=False)
         mx.eval(self.model.parameters())

@@ -14,15 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.base import (
-    Backend,
-    BackendError,
-    BackendInfo,
-    StepResult,
-    UpdateResult,
-    chunk_positions,
-    peak_rss_bytes,
-)
 from backends.torch_backend.host_memory import return_freed_memory_promptly
 from backends.torch_backend.kernel import (
     gathered_sequence_logps,
@@ -31,6 +22,16 @@ from backends.torch_backend.kernel import (
     shared_prompt_mask,
 )
 from backends.torch_backend.ops import TorchOps
+from core.backend import (
+    Backend,
+    BackendError,
+    BackendInfo,
+    StepResult,
+    UpdateResult,
+    check_adapter_fits,
+    chunk_positions,
+    peak_rss_bytes,
+)
 from core.batching import Batch, share_prompts, sharing_pays
 from core.config import LoraConfig
 from core.distributed import SINGLE, Collective
@@ -350,19 +351,10 @@ class TorchBackend(Backend):
     def _objective(
         self, batch: Batch, logps: torch.Tensor, objective: Objective, reference: np.ndarray | None, nll_weight: float
     ):
-        pairs = batch.num_pairs
         # float32, or the log-probs' own precision when wider (float64 checks of exactness)
         lengths = torch.from_numpy(batch.response_lengths).to(self.device, dtype=logps.dtype)
         ref = None if reference is None else torch.from_numpy(np.asarray(reference)).to(self.device, logps.dtype)
-        outputs = PolicyOutputs(
-            logps[:pairs],
-            logps[pairs:],
-            lengths[:pairs],
-            lengths[pairs:],
-            None if ref is None else ref[:pairs],
-            None if ref is None else ref[pairs:],
-        )
-        return evaluate(objective, self.ops, outputs, nll_weight)
+        return evaluate(objective, self.ops, PolicyOutputs.from_rows(logps, lengths, ref), nll_weight)
 
     def _step_result(self, batch: Batch, result) -> StepResult:
         metrics = {key: float(value) for key, value in result.metrics.items()}
@@ -451,18 +443,7 @@ class TorchBackend(Backend):
             raise BackendError(f"{directory}: no adapter_model.safetensors (a PEFT adapter folder is expected).")
         weights = load_file(str(file))
         expected = {k: tuple(v.shape) for k, v in self.adapter_weights().items()}
-        missing = sorted(set(expected) - set(weights))
-        wrong = sorted(k for k in expected.keys() & weights.keys() if tuple(weights[k].shape) != expected[k])
-        if missing or wrong:
-            problem = (
-                f"it lacks {missing[0]}"
-                if missing
-                else f"{wrong[0]} has shape {tuple(weights[wrong[0]].shape)}, this model needs {expected[wrong[0]]}"
-            )
-            raise BackendError(
-                f"{directory}: the adapter does not fit this model and LoRA settings: {problem}. Use "
-                "the base model and LoRA settings it was trained with (see its adapter_config.json)."
-            )
+        check_adapter_fits(directory, expected, {k: tuple(v.shape) for k, v in weights.items()})
         set_peft_model_state_dict(self.model, weights)
 
     def optimizer_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -1,0 +1,69 @@
+"""What a run tells the user about its data before training, and the demo's before/after report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.events import Events
+from core.batching import padding_fraction, plan_batches
+from core.config import Config
+from core.prepare import PreparedData
+
+
+def data_warnings(data: PreparedData) -> list[str]:
+    """What the user should know about the data before hours of training on it."""
+    warnings = []
+    for split in (data.train, data.eval):
+        if split is None:
+            continue
+        load, tokens = split.load_report, split.tokenize_report
+        if load.duplicates and not load.duplicates_dropped:
+            warnings.append(
+                f"{load.source}: {load.duplicates} duplicated pairs (e.g. {load.duplicate_examples[0]}) "
+                "count twice in training; set data.drop_duplicates=true to keep one of each."
+            )
+        if load.skipped:
+            warnings.append(
+                f"{load.source}: skipped {load.skipped_total} invalid rows (data.skip_invalid); first: "
+                f"{load.skipped_examples[0]}"
+            )
+        if tokens.dropped_no_response:
+            warnings.append(
+                f"{load.source}: {tokens.dropped_no_response} pairs dropped: their prompts leave no room "
+                "for a reply within data.max_length."
+            )
+        warnings += [f"{load.source}: {w}" for w in tokens.warnings]
+    return list(dict.fromkeys(warnings))  # eval split from train shares its reports: say each thing once
+
+
+def padding_report(pairs: list, cfg: Config, pad_multiple: int) -> str:
+    """One line on how much of the first epoch's batches is padding, and what length grouping saves."""
+    lengths = [p.length for p in pairs]
+
+    def padding(grouped: bool) -> float:
+        plan = plan_batches(lengths, cfg.train.batch_size, seed=cfg.train.seed, group_by_length=grouped)
+        return padding_fraction(pairs, plan, pad_multiple)
+
+    if cfg.train.group_by_length:
+        return f"padding: {padding(True):.1%} of the batches' token positions ({padding(False):.1%} without grouping)"
+    return f"padding: {padding(False):.1%} of the batches' token positions (train.group_by_length is off)"
+
+
+def demo_report_event(backend, data: PreparedData, emit: Events) -> dict[str, Any]:
+    from models.tiny_chat import demo_report, unseen_prompts
+
+    report = demo_report(backend, data.chat, [[{"role": "user", "content": p}] for p in unseen_prompts()])
+    accuracy = emit.last_eval.get("eval_rewards/accuracies", float("nan"))
+    emit(
+        {
+            "type": "info",
+            "demo": report,
+            "message": (
+                f"demo: held-out reward accuracy {accuracy:.2f}; concise replies to {report['samples']} prompts "
+                f"phrased unlike any training prompt (greedy): {report['base_concise']:.0%} before → "
+                f"{report['tuned_concise']:.0%} after\n"
+                f"  before: {report['base_examples']}\n  after:  {report['tuned_examples']}"
+            ),
+        }
+    )
+    return report
