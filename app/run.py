@@ -284,7 +284,8 @@ def _train_and_export(job: Job, state: TrainerState | None) -> RunResult:
 def _start_event(job: Job, state: TrainerState) -> Event:
     cfg, backend, data, collective = job.cfg, job.backend, job.data, job.collective
     info = backend.info()
-    processes = f", {collective.world_size} processes" if collective.enabled else ""
+    count = collective.world_size
+    processes = f", {count} process{'es' if count > 1 else ''}" if collective.enabled else ""
     return {
         "type": "start",
         "run_dir": str(job.run_dir.path),

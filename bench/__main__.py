@@ -4,7 +4,9 @@
 
 Variants: duet-torch (add -gc for gradient checkpointing, -unshared to compute each prompt twice, -naive
 for full logits), duet-mlx (-gc, -unshared), trl (TRL's DPOTrainer with a PEFT LoRA config, its defaults),
-trl-precompute (precompute_ref_log_probs=True), trl-liger (CUDA). TRL comes with the `bench` extra.
+trl-precompute (precompute_ref_log_probs=True), trl-liger (TRL with use_liger_kernel=True: CUDA and the
+liger-kernel package; reported as unavailable without them). TRL comes with the `bench` extra. On a GPU that
+bench/flops.py knows (or with --peak-tflops), each row also gets its MFU.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import subprocess
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from bench.flops import add_mfu, run_flops
 from bench.worker import chunk_setting
 from bench.workloads import WORKLOADS
 from core.atomic import write_json
@@ -27,7 +31,14 @@ GIB = 1024**3
 
 
 def measure(
-    workload: str, variant: str, steps: int, device: str, dtype: str, chunk: int | str, pairs: int | None
+    workload: str,
+    variant: str,
+    steps: int,
+    device: str,
+    dtype: str,
+    chunk: int | str,
+    pairs: int | None,
+    timeout: float | None = None,
 ) -> dict:
     command = [
         sys.executable,
@@ -48,7 +59,10 @@ def measure(
     ]
     if pairs:
         command += ["--pairs", str(pairs)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "error": f"timed out after {timeout:.0f} s"}
     for line in result.stdout.splitlines():
         if line.startswith("BENCH "):
             return json.loads(line[6:])
@@ -91,12 +105,13 @@ def table(workload: str, rows: list[dict]) -> Table:
     steps = max((len(r["losses"]) for r in rows if "error" not in r), default=0)
     loss_steps = sorted({1, 2, steps} & set(range(1, steps + 1)))  # the first two and the last, once each
     columns = ["variant", "device", "s/step (median)", "total s (prep+ref+steps)", "reference s", "pairs/s"]
-    columns += ["peak memory"] + [f"loss {step}" for step in loss_steps]
+    mfu = any(r.get("mfu") for r in rows)
+    columns += ["peak memory"] + (["MFU"] if mfu else []) + [f"loss {step}" for step in loss_steps]
     for column in columns:
         view.add_column(column, justify="left" if column == "variant" else "right")
     for row in rows:
         if "error" in row:
-            view.add_row(row["variant"], "", row["error"])
+            view.add_row(row["variant"], "", escape(row["error"]))
             continue
         losses = row["losses"]
         view.add_row(
@@ -107,6 +122,7 @@ def table(workload: str, rows: list[dict]) -> Table:
             f"{row['reference_seconds']:.1f}",
             f"{row['pairs_per_second']:.3f}",
             f"{peak(row) / GIB:.2f} GiB",
+            *([f"{row['mfu']:.1%}" if row.get("mfu") else "-"] if mfu else []),
             *(f"{losses[step - 1]:.5f}" if step <= len(losses) else "-" for step in loss_steps),
         )
     return view
@@ -151,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pairs", type=int, help="use only the first N pairs of the workload (slow backends)")
     parser.add_argument("--json", help="also write every measurement to this file")
+    parser.add_argument("--timeout", type=float, help="seconds one variant's measurement may take (default: no limit)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (default: bench/flops.py's table)"
+    )
     args = parser.parse_args(argv)
     console = Console()
     if not console.is_terminal:  # a log file: wide enough for the table
@@ -164,15 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for _ in range(args.repeats):
         for variant in args.variants.split(","):
-            rows.append(measure(args.workload, variant, args.steps, args.device, args.dtype, args.chunk, args.pairs))
+            rows.append(
+                measure(
+                    args.workload, variant, args.steps, args.device, args.dtype, args.chunk, args.pairs, args.timeout
+                )
+            )
             shown = rows[-1].get("error") or f"{rows[-1]['seconds_per_step']:.2f} s/step"
-            console.print(f"  measured {variant}: {shown}", highlight=False)
+            console.print(f"  measured {variant}: {shown}", highlight=False, markup=False)
     merged = merge(rows)
+    if any(r.get("gpu") for r in merged) or args.peak_tflops:
+        add_mfu(merged, run_flops(WORKLOADS[args.workload], args.steps, args.pairs), args.peak_tflops)
     console.print(table(args.workload, merged))
     for line in comparisons(merged):
         console.print(line, highlight=False)
     if args.json:  # atomically: an interrupted benchmark never leaves half a results file
-        write_json(args.json, {"workload": args.workload, "steps": args.steps, "rows": rows})
+        write_json(args.json, {"workload": args.workload, "steps": args.steps, "rows": rows, "merged": merged})
     return 0
 
 

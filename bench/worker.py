@@ -27,7 +27,7 @@ import numpy as np
 from bench import memory
 from bench.workloads import WORKLOADS, Workload
 
-# duet-torch[-gc|-naive|-unshared] | duet-mlx[-gc|-unshared] | trl | trl-precompute
+# duet-torch[-gc|-naive|-unshared] | duet-mlx[-gc|-unshared] | trl | trl-precompute | trl-liger (CUDA)
 VARIANTS = [
     "duet-torch",
     "duet-torch-gc",
@@ -38,6 +38,7 @@ VARIANTS = [
     "duet-mlx-unshared",
     "trl",
     "trl-precompute",
+    "trl-liger",
 ]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -298,11 +299,38 @@ def measure_duet(workload: Workload, variant: str, steps: int, device: str, dtyp
     return summary(variant, info.device, info.dtype, timings, workload, clock, resident_before)
 
 
+class Unavailable(Exception):
+    """The variant cannot run here (a missing package, no GPU): reported as the row's error, not a crash."""
+
+
+def trl_unavailable(variant: str, device: str) -> str | None:
+    """Why a TRL variant cannot run here, or None. trl-liger is TRL's DPOConfig(use_liger_kernel=True): Liger's
+    fused DPO loss, Triton kernels, so CUDA and the liger-kernel package."""
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        return "TRL is not installed (pip install -e '.[bench]')"
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda, but torch sees no CUDA GPU"
+    if variant != "trl-liger":
+        return None
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed: trl-liger needs it (pip install liger-kernel)"
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return "trl-liger needs a CUDA GPU (Liger's kernels are Triton kernels)"
+    return None
+
+
 def measure_trl(workload: Workload, variant: str, steps: int, device: str, dtype: str) -> dict:
     import os
     import tempfile
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    reason = trl_unavailable(variant, device)
+    if reason:
+        raise Unavailable(reason)
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -392,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     global CHUNK, PAIRS
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
-    parser.add_argument("--variant", required=True, choices=[*VARIANTS, "trl-liger"])
+    parser.add_argument("--variant", required=True, choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -402,7 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     CHUNK, PAIRS = args.chunk, args.pairs
     workload = WORKLOADS[args.workload]
     measure = measure_trl if args.variant.startswith("trl") else measure_duet
-    figures = measure(workload, args.variant, args.steps, args.device, args.dtype)
+    try:
+        figures = measure(workload, args.variant, args.steps, args.device, args.dtype)
+    except Unavailable as exc:
+        print("BENCH " + json.dumps({"variant": args.variant, "error": f"unavailable: {exc}"}), flush=True)
+        return 0
     print("BENCH " + json.dumps(figures), flush=True)
     return 0
 

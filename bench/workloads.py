@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+# the shared fixtures beside the checkout; $DUET_FIXTURES elsewhere (a GPU machine gets a carried copy)
+FIXTURES = Path(os.environ.get("DUET_FIXTURES") or ROOT.parent / "shared" / "fixtures")
 QWEN = FIXTURES / "tokenizers" / "qwen2.5-0.5b-instruct"
 LLAMAFACTORY = FIXTURES / "data" / "llamafactory_dpo_en_demo.json"
 
@@ -83,6 +85,17 @@ WORKLOADS = {
         LLAMAFACTORY,
         64,
         2,
+        1024,
+        None,
+        {},
+    ),
+    "qwen0.5b-gpu": Workload(
+        "qwen0.5b-gpu",
+        "the real Qwen2.5-0.5B shape (random init), 8 pairs, max length 1024: the GPU comparison",
+        QWEN,
+        LLAMAFACTORY,
+        64,
+        8,
         1024,
         None,
         {},

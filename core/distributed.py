@@ -23,11 +23,13 @@ class DistributedError(DuetError):
 
 
 def torchrun_environment() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when launched by torchrun, else None."""
+    """(rank, world size, local rank) when launched by torchrun (even as one process, so ``--nproc_per_node 1``
+    goes through the process group and DistributedDataParallel as a multi-GPU job would), else None. Another
+    launcher's WORLD_SIZE=1 is one plain process."""
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return None
     world = int(os.environ["WORLD_SIZE"])
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0))
 
@@ -38,10 +40,11 @@ class Collective:
     world_size: int = 1
     local_rank: int = 0
     device: Any = None  # where collective tensors live: CPU for gloo, the rank's GPU for NCCL
+    launched: bool = False  # a process group exists (torchrun), even of one process
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -136,7 +139,7 @@ def init_distributed(device_choice: str, timeout_seconds: float) -> tuple[Collec
         device = "cpu"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
-    return Collective(rank, world, local_rank, torch.device(device)), device
+    return Collective(rank, world, local_rank, torch.device(device), launched=True), device
 
 
 def shutdown_distributed(collective: Collective) -> None:

@@ -97,3 +97,24 @@ def test_warm_caches_under_torchrun(tmp_path: Path):
     resumed = torchrun("--resume", str(run_dir(folder)))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert_same_run(folder, tmp_path / "cold", tolerance=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, None),
+        ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, (1, 2, 1)),
+        ({"WORLD_SIZE": "1", "RANK": "0"}, None),  # another launcher's single process: plain
+        ({"WORLD_SIZE": "1", "RANK": "0", "TORCHELASTIC_RUN_ID": "x"}, (0, 1, 0)),  # torchrun, one process
+    ],
+)
+def test_torchrun_is_recognized_even_with_one_process(monkeypatch, env: dict, expected) -> None:
+    """`torchrun --nproc_per_node 1` forms a process group and wraps the model in DDP (the NCCL path on one GPU)."""
+    from core.distributed import Collective, torchrun_environment
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert torchrun_environment() == expected
+    assert Collective(world_size=1, launched=True).enabled and not Collective().enabled

@@ -484,19 +484,16 @@ class TorchBackend(Backend):
 
     def rng_state(self) -> dict[str, np.ndarray]:
         state = {"torch_cpu": torch.get_rng_state().numpy()}
-        if self.device.type == "cuda":
-            for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-                state[f"torch_cuda_{index}"] = cuda_state.numpy()
+        if self.device.type == "cuda":  # this process's GPU only: a resume may see another number of GPUs
+            state["torch_cuda"] = torch.cuda.get_rng_state(self.device).numpy()
         elif self.device.type == "mps":
             state["torch_mps"] = torch.mps.get_rng_state().numpy()
         return state
 
     def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
         torch.set_rng_state(torch.from_numpy(state["torch_cpu"].copy()))
-        if self.device.type == "cuda":
-            cuda = [torch.from_numpy(state[k].copy()) for k in sorted(state) if k.startswith("torch_cuda_")]
-            if cuda:
-                torch.cuda.set_rng_state_all(cuda)
+        if self.device.type == "cuda" and "torch_cuda" in state:
+            torch.cuda.set_rng_state(torch.from_numpy(state["torch_cuda"].copy()), self.device)
         elif self.device.type == "mps" and "torch_mps" in state:
             torch.mps.set_rng_state(torch.from_numpy(state["torch_mps"].copy()))
 

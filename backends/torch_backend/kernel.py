@@ -66,7 +66,9 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
             grad_logits.sub_(log_normalizers[start:end, None]).exp_().mul_(-grad_output[start:end, None])
             grad_logits.scatter_add_(1, targets[start:end, None], grad_output[start:end, None])
             if grad_weight is not None:  # from the full-precision gradient, before it is rounded for the matmul
-                grad_weight.add_(grad_logits.t() @ chunk.to(accumulate))
+                # (custom_bwd runs this under the forward's autocast, which would do the product in bf16)
+                with torch.autocast(device_type=chunk.device.type, enabled=False):
+                    grad_weight.add_(grad_logits.t() @ chunk.to(accumulate))
             if grad_bias is not None:
                 grad_bias.add_(grad_logits.sum(0))
             if grad_hidden is not None:
