@@ -60,13 +60,10 @@ class MetricsLog:
         self._handle.close()
 
 
-def read_metrics(path: str | Path) -> list[Event]:
-    """The events in a metrics file; a torn last line (a run killed mid-write) is ignored."""
-    path = Path(path)
-    if not path.exists():
-        return []
+def parse_lines(data: bytes) -> list[Event]:
+    """The events in complete ``metrics.jsonl`` lines; a torn line (a writer killed mid-line) is skipped."""
     events = []
-    for line in path.read_bytes().split(b"\n"):
+    for line in data.split(b"\n"):
         if not line.strip():
             continue
         try:
@@ -76,6 +73,14 @@ def read_metrics(path: str | Path) -> list[Event]:
         if isinstance(event, dict):
             events.append(event)
     return events
+
+
+def read_metrics(path: str | Path) -> list[Event]:
+    """The events in a metrics file; a torn last line (a run killed mid-write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return parse_lines(path.read_bytes())
 
 
 def truncate_metrics(path: str | Path, offset: int) -> None:

@@ -5,10 +5,10 @@ the bytes just before the offset are compared too), and whether a process is sti
 from __future__ import annotations
 
 import fcntl
-import json
 from pathlib import Path
 from typing import Any
 
+from core.metrics import parse_lines
 from core.rundir import LOCK_FILE, METRICS_FILE
 
 TAIL = 256  # bytes compared to tell a file that only grew from one cut back and rewritten
@@ -41,20 +41,8 @@ class MetricsFollower:
             data = handle.read(max(0, size - self.offset))
         self.offset += len(data)
         self._tail = (self._tail + data)[-TAIL:]
-        data = self._partial + data
-        lines = data.split(b"\n")
-        self._partial = lines.pop()  # an incomplete last line waits for the rest of it
-        events = []
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue  # a torn line from a killed writer
-            if isinstance(event, dict):
-                events.append(event)
-        return events, restarted
+        complete, _, self._partial = (self._partial + data).rpartition(b"\n")  # a last line waits for its end
+        return parse_lines(complete), restarted
 
     def is_running(self) -> bool | None:
         """True when a process holds the run's lock, False when none does, None when there is no run yet."""
