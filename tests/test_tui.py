@@ -518,3 +518,21 @@ async def test_long_phases_show_their_progress_live_and_when_watched(tmp_path: P
     app = DuetApp(watch=run_dir)
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for(pilot, lambda: "reference 50/270 pairs" in status(app))
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_the_setup_buttons_fit_the_screen(tmp_path: Path, size) -> None:
+    """Every set-up button is whole on screen once scrolled to: none runs past the right edge."""
+    from textual.containers import Horizontal
+    from textual.widgets import Button
+
+    app = DuetApp(quick_config(tmp_path))
+    async with app.run_test(size=size) as pilot:
+        await pilot.pause()
+        row = app.screen.query_one(".buttons", Horizontal)
+        row.scroll_visible(animate=False)
+        await pilot.pause()
+        buttons = list(row.query(Button))
+        assert len(buttons) == 5
+        for button in buttons:
+            assert button.region.width > 0 and button.region.right <= size[0] - 2, (str(button.label), button.region)

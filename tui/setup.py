@@ -133,9 +133,9 @@ class SetupScreen(Screen):
             with Horizontal(classes="buttons"):
                 yield Button("Start training", variant="success", id="start", compact=True)
                 yield Button("Check data", id="check", compact=True)
-                yield Button("Inspect data", id="inspect", compact=True)
-                yield Button("Save config", id="save", compact=True)
-                yield Button("Open config", id="open", compact=True)
+                yield Button("Inspect", id="inspect", compact=True)
+                yield Button("Save", id="save", compact=True)
+                yield Button("Open", id="open", compact=True)
         yield Footer()
 
     def _placeholder(self, field: Field) -> str:
