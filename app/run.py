@@ -34,13 +34,14 @@ from core.atomic import atomic_directory, write_text
 from core.backend import Backend
 from core.checkpoint import TrainerState, latest_checkpoint, load_checkpoint
 from core.config import Config, ConfigError
-from core.distributed import SINGLE, Collective, DistributedError, init_distributed, shutdown_distributed
+from core.distributed import Collective, DistributedError, init_distributed, shutdown_distributed
 from core.errors import DuetError
 from core.fingerprint import cache_root, tokens_fingerprint
 from core.metrics import ConsoleReporter, Event, MetricsLog, read_metrics, truncate_metrics
 from core.model_card import model_card
 from core.objectives import Objective, build_objective
 from core.prepare import PreparedData, prepare_data
+from core.progress import PhaseProgress
 from core.rundir import RunDirectory, RunDirError
 from core.trainer import RunControl, TrainData, schedule_length, train
 
@@ -130,7 +131,7 @@ def _open_for_resume(resume: str | Path, overrides: list[str] | tuple[str, ...])
 
 
 def _new_run(cfg: Config, collective: Collective, device: str, hooks: Hooks) -> RunResult:
-    backend, data, objective = _prepare(cfg, collective, device)
+    backend, data, objective = _prepare(cfg, collective, device, hooks)
     run_dir = _shared_run_directory(cfg, data, collective)
     job = Job(cfg, backend, data, objective, run_dir, collective, hooks, resumed=False)
     with run_dir.lock() if collective.is_main else contextlib.nullcontext():
@@ -164,7 +165,7 @@ def _resumed_run(
         if collective.is_main:
             run_dir.remove_stale_temporaries()
         collective.barrier()
-        backend, data, objective = _prepare(cfg, collective, device)
+        backend, data, objective = _prepare(cfg, collective, device, hooks)
         run_dir.check_fingerprints(_fingerprints(data))
         job = Job(cfg, backend, data, objective, run_dir, collective, hooks, resumed=True)
         state = _restore(job)
@@ -192,7 +193,7 @@ def _restore(job: Job) -> TrainerState | None:
     return state
 
 
-def _prepare(cfg: Config, collective: Collective = SINGLE, device: str | None = None):
+def _prepare(cfg: Config, collective: Collective, device: str | None, hooks: Hooks):
     """The backend with its model and LoRA, the tokenized data, the objective."""
     from app.backends import create_backend
 
@@ -202,7 +203,18 @@ def _prepare(cfg: Config, collective: Collective = SINGLE, device: str | None = 
     backend.attach_lora(cfg.lora, adapter_path=cfg.model.adapter)
     if collective.enabled:
         backend.seed(cfg.train.seed * 7919 + collective.rank)  # but each rank its own dropout masks
-    data = prepare_data(cfg.data, backend.tokenizer, cfg.train.seed, cache_root(cfg.train.cache_dir))
+    # before the run directory exists: tokenizing a large file shows its progress on the console and to the
+    # caller only (rank 0 alone)
+    reporter = ConsoleReporter(hooks.console)
+    early = Events([reporter, *([hooks.callback] if hooks.callback else [])] if collective.is_main else [])
+
+    def progress(source: str) -> PhaseProgress:
+        return PhaseProgress(early, "tokenize", f"tokenizing {Path(source).name}", 0)
+
+    try:
+        data = prepare_data(cfg.data, backend.tokenizer, cfg.train.seed, cache_root(cfg.train.cache_dir), progress)
+    finally:
+        reporter.close()
     return backend, data, build_objective(cfg.objective)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,12 @@ def resolve_data_source(source: str) -> str:
     return source
 
 
-def _load_split(source: str, config: DataConfig, chat: ChatTokenizer, cache_dir: Path | None) -> PreparedSplit:
+Progress = Callable[[str], Callable[[int, int], None]]  # split name → progress(done, total) of its tokenization
+
+
+def _load_split(
+    source: str, config: DataConfig, chat: ChatTokenizer, cache_dir: Path | None, progress: Progress | None
+) -> PreparedSplit:
     pairs, load_report = load_preferences(
         resolve_data_source(source),
         drop_duplicates=config.drop_duplicates,
@@ -54,6 +60,7 @@ def _load_split(source: str, config: DataConfig, chat: ChatTokenizer, cache_dir:
         max_prompt_length=config.max_prompt_length,
         skip_invalid=config.skip_invalid,
         cache_dir=cache_dir,
+        progress=None if progress is None else progress(source),
     )
     if not tokenized and tokenize_report.skipped_template_errors:
         raise DataError(
@@ -70,13 +77,16 @@ def _load_split(source: str, config: DataConfig, chat: ChatTokenizer, cache_dir:
     return PreparedSplit(pairs, tokenized, load_report, tokenize_report, cached)
 
 
-def prepare_data(config: DataConfig, tokenizer: Any, seed: int, cache_dir: Path | None = None) -> PreparedData:
-    """Load, check and tokenize the train (and eval) data; ``cache_dir`` keeps the tokens for the next run."""
+def prepare_data(
+    config: DataConfig, tokenizer: Any, seed: int, cache_dir: Path | None = None, progress: Progress | None = None
+) -> PreparedData:
+    """Load, check and tokenize the train (and eval) data; ``cache_dir`` keeps the tokens for the next run;
+    ``progress(source)`` gives the callback that follows one file's tokenization."""
     chat = ChatTokenizer(tokenizer, config.chat_template)
-    train = _load_split(config.train, config, chat, cache_dir)
+    train = _load_split(config.train, config, chat, cache_dir, progress)
     evaluation = None
     if config.eval:
-        evaluation = _load_split(config.eval, config, chat, cache_dir)
+        evaluation = _load_split(config.eval, config, chat, cache_dir, progress)
     elif config.eval_fraction > 0:
         count = len(train.tokenized)
         held_out = min(count - 1, max(1, round(config.eval_fraction * count)))

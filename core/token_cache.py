@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -150,11 +151,17 @@ def tokenize_cached(
     max_prompt_length: int | None,
     skip_invalid: bool,
     cache_dir: Path | None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[TokenizedPair], TokenizeReport, bool]:
     """(tokenized pairs, report, whether they came from the cache); no cache folder: plain tokenization."""
     if cache_dir is None:
         tokenized, report = tokenize_pairs(
-            pairs, chat, max_length=max_length, max_prompt_length=max_prompt_length, skip_invalid=skip_invalid
+            pairs,
+            chat,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            skip_invalid=skip_invalid,
+            progress=progress,
         )
         return tokenized, report, False
     path = (
@@ -168,7 +175,12 @@ def tokenize_cached(
         except Exception:  # a damaged entry (safetensors raises its own types): tokenize again and replace it
             pass
     tokenized, report = tokenize_pairs(
-        pairs, chat, max_length=max_length, max_prompt_length=max_prompt_length, skip_invalid=skip_invalid
+        pairs,
+        chat,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        skip_invalid=skip_invalid,
+        progress=progress,
     )
     save(path, tokenized, report)
     return tokenized, report, False

@@ -8,6 +8,7 @@ tokens the model is asked to produce after the prompt it will see at inference t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,8 +229,10 @@ def tokenize_pairs(
     max_length: int,
     max_prompt_length: int | None = None,
     skip_invalid: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[TokenizedPair], TokenizeReport]:
-    """Tokenize every pair; truncate (prompt from the left, replies from the right); drop empty replies."""
+    """Tokenize every pair; truncate (prompt from the left, replies from the right); drop empty replies.
+    ``progress(done, total)`` follows the rendering of the chat template, the slow part."""
     report = TokenizeReport(template=chat_tokenizer.template_source, pairs_in=len(pairs))
     if chat_tokenizer.boundary_warning:
         report.warnings.append(chat_tokenizer.boundary_warning)
@@ -244,6 +247,8 @@ def tokenize_pairs(
             continue
         report.template_fallback += fallback
         texts.append((index, prompt, chosen, rejected))
+        if progress is not None:
+            progress(index + 1, len(pairs))
     prompt_ids = chat_tokenizer.encode([t[1] for t in texts])
     chosen_ids = chat_tokenizer.encode([t[2] for t in texts])
     rejected_ids = chat_tokenizer.encode([t[3] for t in texts])

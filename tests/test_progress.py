@@ -77,3 +77,19 @@ def test_a_slow_reference_pass_is_followed_in_metrics_jsonl(tmp_path, monkeypatc
     assert ("evaluation at step 6", 8, 8) in phases
     kinds = [e["type"] for e in events]
     assert kinds.index("progress") < kinds.index("reference")  # the bar, then the phase's closing message
+
+
+def test_tokenizing_shows_progress_to_the_caller_before_the_run_directory_exists(tmp_path, monkeypatch) -> None:
+    import core.progress
+
+    monkeypatch.setattr(core.progress, "EVERY_SECONDS", 0.0)
+    seen = []
+    result = run(quick_config(tmp_path), handle_signals=False, callback=seen.append)
+    tokenizing = [e for e in seen if e["type"] == "progress" and e["phase"] == "tokenize"]
+    assert tokenizing and tokenizing[-1]["done"] == tokenizing[-1]["total"] == 64
+    assert tokenizing[-1]["label"] == "tokenizing prefs.jsonl"
+    written = read_metrics(result.run_dir / "metrics.jsonl")  # the file did not exist yet: not in it
+    assert not [e for e in written if e.get("phase") == "tokenize"]
+    again = []
+    run(quick_config(tmp_path), handle_signals=False, callback=again.append)  # the token cache: nothing to follow
+    assert not [e for e in again if e["type"] == "progress" and e["phase"] == "tokenize"]
