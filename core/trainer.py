@@ -299,6 +299,57 @@ def train_event(
     }
 
 
+def eval_event(
+    backend: Backend, objective: Objective, data: TrainData, config: Config, step: int, emit: Callback
+) -> dict:
+    """The held-out split's metrics (pair-weighted means) and every pair's margin, at ``step``."""
+    progress = PhaseProgress(emit, "eval", f"evaluation at step {step}", len(data.eval))
+    metrics, margins = evaluate_split(
+        backend,
+        objective,
+        data.eval,
+        data.eval_reference,
+        config,
+        data.pad_id,
+        data.pad_to_multiple_of,
+        data.collective,
+        progress,
+    )
+    return {
+        "type": "eval",
+        "step": step,
+        **{f"eval_{k}": v for k, v in metrics.items()},
+        "eval_margins": margins.round(6).tolist(),
+        "eval_pairs": len(data.eval),
+    }
+
+
+def save_step(
+    backend: Backend,
+    state: TrainerState,
+    run_dir: Path,
+    keep: int,
+    collective: Collective,
+    emit: Callback,
+    metrics_offset: Callable[[], int],
+) -> None:
+    """A checkpoint of this step, with every rank's dropout stream for an exact resume; rank 0 writes it."""
+    rng = gather_rng_states(backend, collective)
+    if not collective.is_main:
+        return
+    state.metrics_offset = metrics_offset()
+    path = save_checkpoint(run_dir, backend, state, keep, rng)
+    emit(
+        {
+            "type": "checkpoint",
+            "step": state.step,
+            "path": str(path),
+            "message": f"checkpoint saved: {path} (step {state.step}, "
+            f"{format_duration(state.elapsed_seconds)} of training)",
+        }
+    )
+
+
 def train(
     backend: Backend,
     objective: Objective,
@@ -343,40 +394,8 @@ def train(
             if state.step % tc.log_every == 0 or last:
                 emit(train_event(outcome, state, backend, elapsed, step_seconds, batches_per_epoch))
             if data.eval and ((tc.eval_every and state.step % tc.eval_every == 0) or last):
-                metrics, margins = evaluate_split(
-                    backend,
-                    objective,
-                    data.eval,
-                    data.eval_reference,
-                    config,
-                    data.pad_id,
-                    data.pad_to_multiple_of,
-                    collective,
-                    PhaseProgress(emit, "eval", f"evaluation at step {state.step}", len(data.eval)),
-                )
-                emit(
-                    {
-                        "type": "eval",
-                        "step": state.step,
-                        **{f"eval_{k}": v for k, v in metrics.items()},
-                        "eval_margins": margins.round(6).tolist(),
-                        "eval_pairs": len(data.eval),
-                    }
-                )
+                emit(eval_event(backend, objective, data, config, state.step, emit))
             save_now = collective.any(control.take_save_request() or control.stop_requested)
             if (tc.save_every and state.step % tc.save_every == 0) or last or save_now:
-                rng = gather_rng_states(backend, collective)  # every rank's dropout stream, for an exact resume
-                if not collective.is_main:
-                    continue
-                state.metrics_offset = metrics_offset()
-                path = save_checkpoint(run_dir, backend, state, tc.keep_checkpoints, rng)
-                emit(
-                    {
-                        "type": "checkpoint",
-                        "step": state.step,
-                        "path": str(path),
-                        "message": f"checkpoint saved: {path} (step {state.step}, "
-                        f"{format_duration(state.elapsed_seconds)} of training)",
-                    }
-                )
+                save_step(backend, state, run_dir, tc.keep_checkpoints, collective, emit, metrics_offset)
     return state
