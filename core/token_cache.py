@@ -154,8 +154,9 @@ def tokenize_cached(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[TokenizedPair], TokenizeReport, bool]:
     """(tokenized pairs, report, whether they came from the cache); no cache folder: plain tokenization."""
-    if cache_dir is None:
-        tokenized, report = tokenize_pairs(
+
+    def tokenize() -> tuple[list[TokenizedPair], TokenizeReport]:
+        return tokenize_pairs(
             pairs,
             chat,
             max_length=max_length,
@@ -163,7 +164,9 @@ def tokenize_cached(
             skip_invalid=skip_invalid,
             progress=progress,
         )
-        return tokenized, report, False
+
+    if cache_dir is None:
+        return (*tokenize(), False)
     path = (
         cache_dir / "tokenized" / f"{cache_key(pairs, chat, max_length, max_prompt_length, skip_invalid)}.safetensors"
     )
@@ -174,13 +177,6 @@ def tokenize_cached(
             return tokenized, report, True
         except Exception:  # a damaged entry (safetensors raises its own types): tokenize again and replace it
             pass
-    tokenized, report = tokenize_pairs(
-        pairs,
-        chat,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        skip_invalid=skip_invalid,
-        progress=progress,
-    )
+    tokenized, report = tokenize()
     save(path, tokenized, report)
     return tokenized, report, False
