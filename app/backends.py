@@ -47,7 +47,7 @@ def resolve_backend_name(choice: str) -> str:
     if choice == "auto":
         return max(plugins.values(), key=lambda p: p.auto_preference()).name
     if choice not in plugins:
-        raise BackendError(f"unknown backend '{choice}'; choose auto or one of: {', '.join(plugins)}.")
+        raise BackendError(f"model.backend: unknown backend '{choice}'; choose auto or one of: {', '.join(plugins)}.")
     return choice
 
 

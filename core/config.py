@@ -193,7 +193,9 @@ class ObjectiveConfig:
                 f"choose one of {', '.join(OBJECTIVES)}."
             )
         declared = OBJECTIVES[self.name]
-        if self.beta is not None and declared.default_beta is not None:
+        if self.beta is not None and declared.default_beta is None:
+            raise ConfigError(f"objective.beta: {self.name} takes no β; remove the setting (or set it to null).")
+        if self.beta is not None:
             _positive("objective.beta", self.beta)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"objective.label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")

@@ -52,6 +52,7 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         (["objective.name=simpo", "objective.gamma=0.5", "objective.gamma_beta_ratio=0.5"], r"not both"),
         (["objective.label_smoothing=0.5"], r"objective\.label_smoothing must be in \[0, 0\.5\)"),
         (["objective.name=ipo", "objective.robust=true"], r"objective\.robust applies to dpo and dpo_norm"),
+        (["objective.name=sft", "objective.beta=0.5"], r"objective\.beta: sft takes no β; remove the setting"),
         (["objective.robust=true"], r"objective\.robust needs objective\.label_smoothing > 0"),
         (["lora.target_modules=[]"], r"lora\.target_modules is empty"),
         (["data.columns.answer=x"], r"data\.columns\.answer: not a column Duet reads"),

@@ -327,6 +327,10 @@ async def test_switching_to_simpo_gives_simpos_beta_unless_typed(tmp_path: Path)
         screen.query_one("#f-objective-name", Select).value = "dpo"
         await pilot.pause(0.1)
         assert screen.current_config().objective.beta == 2.5
+        screen.query_one("#f-objective-name", Select).value = "sft"  # takes no β: even a typed one goes
+        await pilot.pause(0.1)
+        assert beta.value == "" and beta.placeholder == "no β: leave empty"
+        assert screen.current_config().objective.beta is None
     app = DuetApp(quick_config(tmp_path, objective={"beta": 0.1}), source="a file with DPO's default written out")
     async with app.run_test(size=(100, 30)) as pilot:
         app.screen.query_one("#f-objective-name", Select).value = "simpo"

@@ -36,6 +36,11 @@ def default_beta(name: str) -> float:
     return OBJECTIVES[name].default_beta or 0.0
 
 
+def beta_placeholder(name: str) -> str:
+    default = OBJECTIVES[name].default_beta
+    return "no β: leave empty" if default is None else f"default {default}"
+
+
 @dataclass(frozen=True)
 class Field:
     key: str  # dotted config key
@@ -140,7 +145,7 @@ class SetupScreen(Screen):
 
     def _placeholder(self, field: Field) -> str:
         if field.key == "objective.beta":
-            return f"default {default_beta(get(self.base, 'objective.name'))}"
+            return beta_placeholder(get(self.base, "objective.name"))
         return "default" if field.optional else ""
 
     # -- form ↔ config --------------------------------------------------------------------------------
@@ -183,12 +188,13 @@ class SetupScreen(Screen):
             return
         self.base["objective"]["name"] = name
         beta = self.query_one(f"#{field_id('objective.beta')}", Input)
-        beta.placeholder = f"default {default_beta(name)}"
+        beta.placeholder = beta_placeholder(name)
         try:
             typed = float(beta.value) != default_beta(previous)
         except ValueError:
             typed = bool(beta.value.strip())  # not a number: the user's to fix, not ours to clear
-        if not typed:  # empty, or the previous objective's default: the new objective's default applies
+        # empty, or the previous objective's default: the new objective's default applies; none for one without β
+        if not typed or OBJECTIVES[name].default_beta is None:
             beta.value = ""
 
     # -- actions ----------------------------------------------------------------------------------------
