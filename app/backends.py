@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 
 from core.backend import Backend, BackendError, BackendPlugin
 from core.config import Config
-from core.distributed import SINGLE, Collective
+from core.distributed import SINGLE, Collective, torchrun_environment
 
 ENTRY_POINT_GROUP = "duet.backends"
 BUILT_IN = {"torch": "backends.torch_backend", "mlx": "backends.mlx_backend"}
@@ -51,13 +51,28 @@ def resolve_backend_name(choice: str) -> str:
     return choice
 
 
+def join_job(config: Config) -> tuple[Collective, str]:
+    """Under torchrun, this rank's place in the job, through the backend that trains (it forms the process
+    group); otherwise one process on the config's device."""
+    if torchrun_environment() is None:
+        return SINGLE, config.model.device
+    plugin = backend_plugins()[resolve_backend_name(config.model.backend)]
+    if plugin.join_job is None:
+        raise BackendError(_not_distributed(plugin))
+    return plugin.join_job(config.model.device, config.train.distributed_timeout)
+
+
+def _not_distributed(plugin: BackendPlugin) -> str:
+    able = [p.name for p in backend_plugins().values() if p.distributed]
+    return (
+        f"torchrun runs the {' or '.join(able)} backend; this config asks for {plugin.name} "
+        f"(set model.backend={able[0]})."
+    )
+
+
 def create_backend(config: Config, collective: Collective = SINGLE, device: str | None = None) -> Backend:
     """The backend a config asks for (not yet loaded). Under torchrun, ``collective`` and the rank's ``device``."""
     plugin = backend_plugins()[resolve_backend_name(config.model.backend)]
     if collective.enabled and not plugin.distributed:
-        able = [p.name for p in backend_plugins().values() if p.distributed]
-        raise BackendError(
-            f"torchrun runs the {' or '.join(able)} backend; this config asks for {plugin.name} "
-            f"(set model.backend={able[0]})."
-        )
+        raise BackendError(_not_distributed(plugin))
     return plugin.create(config, collective, device)

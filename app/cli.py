@@ -35,9 +35,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from core.export import export_adapter
+    from app.exports import export_run
+    from core.metrics import ConsoleReporter
 
-    result = export_adapter(args.source, args.to, args.out, base_model=args.base_model, force=args.force)
+    reporter = ConsoleReporter(Console(soft_wrap=True))
+    try:
+        result = export_run(args.source, args.to, args.out, base_model=args.base_model, force=args.force, emit=reporter)
+    finally:
+        reporter.close()
     text = f"wrote the {args.to} export of {result.source.describe()} to {result.out}"
     Console(soft_wrap=True).print(text, highlight=False, markup=False)  # soft wrap: paths stay whole
     return 0
@@ -53,6 +58,22 @@ def _doctor(model: str | None = None) -> int:
     from app.doctor import doctor
 
     return doctor(model=model)
+
+
+def _models(args: argparse.Namespace) -> int:
+    """The recommended models: what each is, whether it is ready here, and how to get it."""
+    from rich.table import Table
+
+    from models.registry import RECOMMENDED, availability
+
+    table = Table(title="recommended models (model.path: NAME)", title_justify="left", show_lines=True)
+    for column in ("name", "parameters", "what it is", "here"):
+        table.add_column(column, overflow="fold")
+    for model in RECOMMENDED.values():
+        recipe = f"\nrecipe: {model.recipe}" if model.recipe else ""
+        table.add_row(model.name, model.parameters, f"{model.summary}{recipe}", availability(model))
+    Console().print(table)
+    return 0
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -89,10 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs=argparse.REMAINDER)
     train.set_defaults(func=lambda args: _run_main(args.args))
 
-    export = commands.add_parser("export", help="convert an adapter: PEFT ↔ mlx-lm, or merge it into the model")
+    export = commands.add_parser(
+        "export", help="convert an adapter: PEFT ↔ mlx-lm, or merge it into the model (a folder, or GGUF)"
+    )
     export.add_argument("source", help="a run directory, a checkpoint, or an adapter folder (PEFT or mlx-lm)")
-    export.add_argument("--to", required=True, choices=["peft", "mlx", "merged"])
-    export.add_argument("out", help="the folder to write (must not exist, or be empty, unless --force)")
+    export.add_argument("--to", required=True, choices=["peft", "mlx", "merged", "gguf"])
+    export.add_argument(
+        "out", help="the folder to write (must not exist, or be empty, unless --force); for gguf, a .gguf file"
+    )
     export.add_argument("--base-model", help="the base model (default: the run's model or the adapter's record)")
     export.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     export.set_defaults(func=_export)
@@ -110,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="what this machine offers each backend")
     doctor.add_argument("--model", help="also check this model folder's config for what the MLX backend ignores")
     doctor.set_defaults(func=lambda args: _doctor(args.model))
+
+    models = commands.add_parser("models", help="the recommended models (usable offline by name)")
+    models.set_defaults(func=_models)
 
     config = commands.add_parser("config", help="list every config key with its default and what it does")
     config.add_argument("--yaml", action="store_true", help="print a complete config file, every key commented")

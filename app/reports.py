@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from app.events import Events
 from core.batching import padding_fraction, plan_batches
 from core.config import Config
+from core.events import DemoReport
 from core.prepare import PreparedData
 
 
@@ -36,6 +38,14 @@ def data_warnings(data: PreparedData) -> list[str]:
     return list(dict.fromkeys(warnings))  # eval split from train shares its reports: say each thing once
 
 
+def model_notes(location: str) -> list[str]:
+    """What a user should know about the model itself (a quantized GGUF trains as its dequantized weights)."""
+    from models.gguf import quantization_note
+
+    note = quantization_note(location) if Path(location).is_dir() else None
+    return [note] if note else []
+
+
 def padding_report(pairs: list, cfg: Config, pad_multiple: int) -> str:
     """One line on how much of the first epoch's batches is padding, and what length grouping saves."""
     lengths = [p.length for p in pairs]
@@ -44,6 +54,10 @@ def padding_report(pairs: list, cfg: Config, pad_multiple: int) -> str:
         plan = plan_batches(lengths, cfg.train.batch_size, seed=cfg.train.seed, group_by_length=grouped)
         return padding_fraction(pairs, plan, pad_multiple)
 
+    if not cfg.train.shuffle:
+        plan = plan_batches(lengths, cfg.train.batch_size, seed=cfg.train.seed, shuffle=False)
+        share = padding_fraction(pairs, plan, pad_multiple)
+        return f"padding: {share:.1%} of the batches' token positions (train.shuffle is off: the data's own order)"
     if cfg.train.group_by_length:
         return f"padding: {padding(True):.1%} of the batches' token positions ({padding(False):.1%} without grouping)"
     return f"padding: {padding(False):.1%} of the batches' token positions (train.group_by_length is off)"
@@ -53,17 +67,16 @@ def demo_report_event(backend, data: PreparedData, emit: Events) -> dict[str, An
     from models.tiny_chat import demo_report, unseen_prompts
 
     report = demo_report(backend, data.chat, [[{"role": "user", "content": p}] for p in unseen_prompts()])
-    accuracy = emit.last_eval.get("eval_rewards/accuracies", float("nan"))
+    accuracy = emit.last_eval.metrics.get("rewards/accuracies", float("nan")) if emit.last_eval else float("nan")
     emit(
-        {
-            "type": "info",
-            "demo": report,
-            "message": (
+        DemoReport(
+            report=report,
+            message=(
                 f"demo: held-out reward accuracy {accuracy:.2f}; concise replies to {report['samples']} prompts "
                 f"phrased unlike any training prompt (greedy): {report['base_concise']:.0%} before → "
                 f"{report['tuned_concise']:.0%} after\n"
                 f"  before: {report['base_examples']}\n  after:  {report['tuned_examples']}"
             ),
-        }
+        )
     )
     return report

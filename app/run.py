@@ -24,9 +24,10 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from app.backends import join_job
 from app.events import Events
 from app.references import reference_logps
-from app.reports import data_warnings, demo_report_event, padding_report
+from app.reports import data_warnings, demo_report_event, model_notes, padding_report
 from app.settings import RESUME_OVERRIDABLE, absolute_paths, resolve_config
 from app.signals import stop_on_signals
 from core import faults
@@ -34,11 +35,13 @@ from core.atomic import atomic_directory, write_text
 from core.backend import Backend
 from core.checkpoint import TrainerState, latest_checkpoint, load_checkpoint
 from core.config import Config, ConfigError
-from core.distributed import Collective, DistributedError, init_distributed, shutdown_distributed
+from core.distributed import Collective, DistributedError
 from core.errors import DuetError
+from core.events import Callback, Event, Failed, Finished, Info, RunStarted, RunWarning, Stopped
 from core.fingerprint import cache_root, tokens_fingerprint
-from core.metrics import ConsoleReporter, Event, MetricsLog, read_metrics, truncate_metrics
+from core.metrics import ConsoleReporter, MetricsLog, read_metrics, truncate_metrics
 from core.model_card import model_card
+from core.models_io import resolve_model_path
 from core.objectives import Objective, build_objective
 from core.prepare import PreparedData, prepare_data
 from core.progress import PhaseProgress
@@ -65,7 +68,7 @@ class Hooks:
     checkpoints it from another thread; ``on_ready(backend, data)`` once the model and data are loaded (the
     TUI generates with them); signals stop it with a checkpoint when ``handle_signals``."""
 
-    callback: Callable[[Event], None] | None = None
+    callback: Callback | None = None
     console: Console = field(default_factory=lambda: Console(soft_wrap=True))
     control: RunControl = field(default_factory=RunControl)
     handle_signals: bool = True
@@ -97,7 +100,7 @@ def run(
     overrides: list[str] | tuple[str, ...] = (),
     *,
     resume: str | Path | None = None,
-    callback: Callable[[Event], None] | None = None,
+    callback: Callback | None = None,
     console: Console | None = None,
     control: RunControl | None = None,
     handle_signals: bool = True,
@@ -108,13 +111,13 @@ def run(
     hooks = Hooks(callback, console or Console(soft_wrap=True), control or RunControl(), handle_signals, on_ready)
     run_dir = None if resume is None else _open_for_resume(resume, overrides)
     cfg = resolve_config(config, overrides) if run_dir is None else run_dir.load_config(overrides)
-    collective, device = init_distributed(cfg.model.device, cfg.train.distributed_timeout)
+    collective, device = join_job(cfg)
     try:
         if run_dir is None:
             return _new_run(cfg, collective, device, hooks)
         return _resumed_run(run_dir, cfg, bool(overrides), collective, device, hooks)
     finally:
-        shutdown_distributed(collective)
+        collective.close()
 
 
 def _open_for_resume(resume: str | Path, overrides: list[str] | tuple[str, ...]) -> RunDirectory:
@@ -197,16 +200,22 @@ def _prepare(cfg: Config, collective: Collective, device: str | None, hooks: Hoo
     """The backend with its model and LoRA, the tokenized data, the objective."""
     from app.backends import create_backend
 
+    # before the run directory exists: converting a model file or tokenizing a large data set shows its
+    # progress on the console and to the caller only (rank 0 alone)
+    reporter = ConsoleReporter(hooks.console)
+    early = Events([reporter, *([hooks.callback] if hooks.callback else [])] if collective.is_main else [])
+    try:
+        location = resolve_model_path(cfg.model.path, early)  # a GGUF file is converted here, once
+    finally:
+        reporter.close()
     backend = create_backend(cfg, collective, device)
-    backend.load_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    backend.load_model(location, trust_remote_code=cfg.model.trust_remote_code)
     backend.seed(cfg.train.seed)  # the same LoRA initialization on every rank
     backend.attach_lora(cfg.lora, adapter_path=cfg.model.adapter)
     if collective.enabled:
         backend.seed(cfg.train.seed * 7919 + collective.rank)  # but each rank its own dropout masks
-    # before the run directory exists: tokenizing a large file shows its progress on the console and to the
-    # caller only (rank 0 alone)
     reporter = ConsoleReporter(hooks.console)
-    early = Events([reporter, *([hooks.callback] if hooks.callback else [])] if collective.is_main else [])
+    early.sinks = [reporter, *([hooks.callback] if hooks.callback else [])] if collective.is_main else []
 
     def progress(source: str) -> PhaseProgress:
         return PhaseProgress(early, "tokenize", f"tokenizing {Path(source).name}", 0)
@@ -241,10 +250,10 @@ def _execute(job: Job, state: TrainerState | None) -> RunResult:
         return _train_and_export(job, state)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
-            job.emit({"type": "error", "message": "interrupted; the newest checkpoint is intact"})
+            job.emit(Failed(message="interrupted; the newest checkpoint is intact"))
         else:
             message = str(exc) if isinstance(exc, DuetError) else f"{type(exc).__name__}: {exc}"
-            job.emit({"type": "error", "message": message})
+            job.emit(Failed(message=message))
         raise
     finally:
         reporter.close()
@@ -254,12 +263,12 @@ def _execute(job: Job, state: TrainerState | None) -> RunResult:
 
 def _train_and_export(job: Job, state: TrainerState | None) -> RunResult:
     emit, cfg, backend, data = job.emit, job.cfg, job.backend, job.data
-    for warning in [*backend.config_warnings, *data_warnings(data)]:
-        emit({"type": "warning", "message": warning})
+    for warning in [*backend.config_warnings, *model_notes(backend.model_location), *data_warnings(data)]:
+        emit(RunWarning(message=warning))
     if data.train.from_cache:
-        emit({"type": "info", "message": f"tokenized pairs: reused from the cache ({data.train.load_report.source})"})
+        emit(Info(message=f"tokenized pairs: reused from the cache ({data.train.load_report.source})"))
     _, total_steps = schedule_length(len(data.train.tokenized), cfg, job.collective.world_size)
-    emit({"type": "info", "message": padding_report(data.train.tokenized, cfg, job.pad_multiple)})
+    emit(Info(message=padding_report(data.train.tokenized, cfg, job.pad_multiple)))
     train_ref, eval_ref = (
         (None, None)
         if job.objective.is_reference_free
@@ -293,43 +302,41 @@ def _train_and_export(job: Job, state: TrainerState | None) -> RunResult:
     return _finished(job, state)
 
 
-def _start_event(job: Job, state: TrainerState) -> Event:
+def _start_event(job: Job, state: TrainerState) -> RunStarted:
     cfg, backend, data, collective = job.cfg, job.backend, job.data, job.collective
     info = backend.info()
     count = collective.world_size
     processes = f", {count} process{'es' if count > 1 else ''}" if collective.enabled else ""
-    return {
-        "type": "start",
-        "run_dir": str(job.run_dir.path),
-        "total_steps": state.total_steps,
-        "start_step": state.step,
-        "resumed": job.resumed,
-        "backend": info.name,
-        "device": info.device,
-        "dtype": info.dtype,
-        "objective": cfg.objective.name,
-        "model": cfg.model.path,
-        "train_pairs": len(data.train.tokenized),
-        "eval_pairs": len(data.eval.tokenized) if data.eval else 0,
-        "trainable_parameters": backend.trainable_parameters(),
-        "total_parameters": backend.total_parameters(),
-        "world_size": collective.world_size,
-        "message": f"{'resuming' if job.resumed else 'training'} {cfg.objective.name} on {info.name} "
+    return RunStarted(
+        run_dir=str(job.run_dir.path),
+        total_steps=state.total_steps,
+        start_step=state.step,
+        resumed=job.resumed,
+        backend=info.name,
+        device=info.device,
+        dtype=info.dtype,
+        objective=cfg.objective.name,
+        model=cfg.model.path,
+        train_pairs=len(data.train.tokenized),
+        eval_pairs=len(data.eval.tokenized) if data.eval else 0,
+        trainable_parameters=backend.trainable_parameters(),
+        total_parameters=backend.total_parameters(),
+        world_size=collective.world_size,
+        message=f"{'resuming' if job.resumed else 'training'} {cfg.objective.name} on {info.name} "
         f"({info.device}, {info.dtype}{processes}): {len(data.train.tokenized)} pairs, {state.total_steps} steps, "
         f"run {job.run_dir.path}",
-    }
+    )
 
 
 def _stopped(job: Job, state: TrainerState) -> RunResult:
     reason = job.hooks.control.reason
     job.emit(
-        {
-            "type": "stopped",
-            "step": state.step,
-            "reason": reason,
-            "message": f"stopped at step {state.step}/{state.total_steps} ({reason}); resume with: "
+        Stopped(
+            step=state.step,
+            reason=reason,
+            message=f"stopped at step {state.step}/{state.total_steps} ({reason}); resume with: "
             f"python -m core.run --resume {job.run_dir.path}",
-        }
+        )
     )
     return RunResult(job.run_dir.path, None, job.emit.final_metrics(), state, stopped=True, events=job.emit.history)
 
@@ -357,13 +364,12 @@ def _finished(job: Job, state: TrainerState) -> RunResult:
     job.collective.barrier()
     demo = demo_report_event(job.backend, job.data, emit) if job.cfg.data.train == "demo" and job.data.eval else None
     emit(
-        {
-            "type": "end",
-            "step": state.step,
-            "adapter": str(run_dir.adapter_dir),
-            "final": final,
-            "message": f"done: the adapter is in {run_dir.adapter_dir}",
-        }
+        Finished(
+            step=state.step,
+            adapter=str(run_dir.adapter_dir),
+            final=final,
+            message=f"done: the adapter is in {run_dir.adapter_dir}",
+        )
     )
     return RunResult(run_dir.path, run_dir.adapter_dir, final, state, demo=demo, events=emit.history)
 

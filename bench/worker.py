@@ -19,27 +19,40 @@ import json
 import statistics
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from app.api import Config, build_objective, config_from_dict, create_backend
 from bench import memory
 from bench.workloads import WORKLOADS, Workload
 
-# duet-torch[-gc|-naive|-unshared] | duet-mlx[-gc|-unshared] | trl | trl-precompute | trl-liger (CUDA)
-VARIANTS = [
-    "duet-torch",
-    "duet-torch-gc",
-    "duet-torch-naive",
-    "duet-torch-unshared",
-    "duet-mlx",
-    "duet-mlx-gc",
-    "duet-mlx-unshared",
-    "trl",
-    "trl-precompute",
-    "trl-liger",
-]
+
+@dataclass(frozen=True)
+class Variant:
+    """What one bench variant runs: Duet with these config settings (the same keys a user sets), or TRL with
+    these `DPOConfig` fields."""
+
+    tool: str  # "duet" or "trl"
+    settings: dict[str, Any] = field(default_factory=dict)
+    # the torch backend's full-vocabulary log-prob path: a reference point for the kernel, no user setting
+    full_logits: bool = False
+
+
+VARIANTS: dict[str, Variant] = {
+    "duet-torch": Variant("duet", {"model.backend": "torch"}),
+    "duet-torch-gc": Variant("duet", {"model.backend": "torch", "model.gradient_checkpointing": True}),
+    "duet-torch-naive": Variant("duet", {"model.backend": "torch"}, full_logits=True),
+    "duet-torch-unshared": Variant("duet", {"model.backend": "torch", "model.share_prompts": False}),
+    "duet-mlx": Variant("duet", {"model.backend": "mlx"}),
+    "duet-mlx-gc": Variant("duet", {"model.backend": "mlx", "model.gradient_checkpointing": True}),
+    "duet-mlx-unshared": Variant("duet", {"model.backend": "mlx", "model.share_prompts": False}),
+    "trl": Variant("trl"),
+    "trl-precompute": Variant("trl", {"precompute_ref_log_probs": True}),
+    "trl-liger": Variant("trl", {"use_liger_kernel": True}),  # CUDA only: Liger's kernels are Triton's
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -137,27 +150,53 @@ def set_lora_start_mlx(model) -> None:
     model.load_weights(updates, strict=False)
 
 
-def make_backend(variant: str, device: str, dtype: str):
-    checkpointing = "-gc" in variant
-    if variant.startswith("duet-mlx"):
-        from backends.mlx_backend.backend import MlxBackend
+def duet_config(workload: Workload, variant: Variant, steps: int, device: str, dtype: str) -> Config:
+    """The config a user would write for this workload: DPO with the workload's LoRA, β and learning rate,
+    a linear schedule without warm-up and no weight decay (TRL's defaults), the pairs in their file order."""
+    settings: dict[str, Any] = {
+        "model.path": str(model_folder(workload)),
+        "model.device": device,
+        "model.dtype": dtype,
+        "model.logprob_chunk_size": CHUNK,
+        "lora.rank": workload.lora_rank,
+        "lora.alpha": workload.lora_alpha,
+        "lora.target_modules": TARGETS,
+        "objective.name": "dpo",
+        "objective.beta": workload.beta,
+        "train.batch_size": workload.batch_pairs,
+        "train.max_steps": steps,
+        "train.lr": workload.lr,
+        "train.schedule": "linear",
+        "train.warmup_steps": 0,
+        "train.weight_decay": 0.0,
+        "train.max_grad_norm": 1.0,
+        "train.shuffle": False,
+        "train.seed": 0,
+        **variant.settings,
+    }
+    if settings["model.backend"] == "mlx" and dtype == "auto":
+        settings["model.dtype"] = "float32"  # the weights as the workload saved them, on every backend
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    return config_from_dict(nested)
 
-        return MlxBackend(
-            dtype="float32" if dtype == "auto" else dtype,
-            gradient_checkpointing=checkpointing,
-            chunk_size=CHUNK,
-            share_prompts=not variant.endswith("-unshared") and "auto",
-        )
-    from backends.torch_backend.backend import TorchBackend
 
-    return TorchBackend(
-        device=device,
-        dtype=dtype,
-        naive_logits=variant.endswith("-naive"),
-        gradient_checkpointing=checkpointing,
-        share_prompts=not variant.endswith("-unshared") and "auto",
-        chunk_size=CHUNK,
-    )
+def make_backend(config: Config, variant: Variant):
+    """The backend through the same factory a run uses, with its model and a LoRA that starts where TRL's does."""
+    backend = create_backend(config)
+    if variant.full_logits:
+        backend.naive_logits = True
+    backend.load_model(config.model.path)
+    backend.seed(config.train.seed)
+    backend.attach_lora(config.lora)
+    if backend.name == "mlx":
+        set_lora_start_mlx(backend.model)
+    else:
+        set_lora_start_torch(backend.model)
+    backend.setup_optimizer(weight_decay=config.train.weight_decay)
+    return backend
 
 
 CHUNK: int | str = "auto"  # reply positions per LM-head chunk (`model.logprob_chunk_size`); --chunk changes it
@@ -241,23 +280,15 @@ def summary(
     }
 
 
-def measure_duet(workload: Workload, variant: str, steps: int, device: str, dtype: str) -> dict:
-    from core.batching import collate
-    from core.config import LoraConfig
-    from core.objectives import DPO
+def measure_duet(workload: Workload, variant: Variant, steps: int, device: str, dtype: str) -> dict:
+    """Duet's steps as a run takes them: the trainer's `optimizer_step` over its batch stream and schedule."""
     from core.reference import compute_reference
-    from core.schedule import learning_rate
+    from core.schedule import learning_rate, warmup_steps
     from core.tokenization import ChatTokenizer, tokenize_pairs
+    from core.trainer import TrainData, micro_batches, optimizer_step
 
-    backend = make_backend(variant, device, dtype)
-    backend.load_model(str(model_folder(workload)))
-    backend.seed(0)
-    backend.attach_lora(LoraConfig(rank=workload.lora_rank, alpha=workload.lora_alpha, target_modules=TARGETS))
-    if backend.name == "mlx":
-        set_lora_start_mlx(backend.model)
-    else:
-        set_lora_start_torch(backend.model)
-    backend.setup_optimizer(weight_decay=0.0)
+    config = duet_config(workload, variant, steps, device, dtype)
+    backend = make_backend(config, variant)
     kind = "mlx" if backend.name == "mlx" else backend.device.type
     clock = DeviceClock(kind)
     resident_before = memory.current_bytes()
@@ -268,35 +299,40 @@ def measure_duet(workload: Workload, variant: str, steps: int, device: str, dtyp
         workload_pairs(workload), chat, max_length=workload.max_length, max_prompt_length=workload.max_prompt_length
     )
     pad = getattr(backend, "pad_to_multiple_of", 1)
-    batches = [tokenized[i : i + workload.batch_pairs] for i in range(0, len(tokenized), workload.batch_pairs)]
-    batches = [batches[i % len(batches)] for i in range(steps)]
     reference_started = time.perf_counter()
     # as a run does: the reference pass takes twice the training batch (no gradients, so it fits)
     reference = compute_reference(
         backend,
         tokenized,
-        batch_size=2 * workload.batch_pairs,
+        batch_size=2 * config.train.batch_size,
         pad_id=chat.pad_id,
         adapter=False,
         pad_to_multiple_of=pad,
     )
     reference_seconds = time.perf_counter() - reference_started
-    objective = DPO(workload.beta)
+    data = TrainData(tokenized, [], reference, None, chat.pad_id, pad)
+    objective = build_objective(config.objective)
+    stream = micro_batches(data, config, 0, 0)
+    train = config.train
+    warmup = warmup_steps(steps, train.warmup_steps, train.warmup_ratio)
     seconds, tokens, losses = [], [], []
-    for step, pairs in enumerate(batches):
-        batch = collate(pairs, chat.pad_id, pad)
+    for step in range(steps):
+        lr = learning_rate(step, total_steps=steps, peak=train.lr, warmup=warmup, kind=train.schedule)
         clock.synchronize()
         step_started = time.perf_counter()
-        result = backend.forward_backward(batch, objective, reference.for_batch(batch.pair_indices), 0.0, 1.0)
-        backend.apply_gradients(learning_rate(step, total_steps=steps, peak=workload.lr, warmup=0, kind="linear"), 1.0)
+        outcome = optimizer_step(backend, objective, data, config, stream, lr)
         clock.synchronize()
         seconds.append(time.perf_counter() - step_started)
-        tokens.append(batch.num_tokens)
-        losses.append(result.metrics["loss"])
+        tokens.append(outcome.tokens)
+        losses.append(outcome.metrics["loss"])
     total = time.perf_counter() - started
     info = backend.info()
     timings = Timings(seconds, tokens, losses, total, reference_seconds)
-    return summary(variant, info.device, info.dtype, timings, workload, clock, resident_before)
+    return summary(variant_name(variant), info.device, info.dtype, timings, workload, clock, resident_before)
+
+
+def variant_name(variant: Variant) -> str:
+    return next(name for name, known in VARIANTS.items() if known is variant)
 
 
 class Unavailable(Exception):
@@ -314,7 +350,7 @@ def trl_unavailable(variant: str, device: str) -> str | None:
 
     if device == "cuda" and not torch.cuda.is_available():
         return "--device cuda, but torch sees no CUDA GPU"
-    if variant != "trl-liger":
+    if not VARIANTS[variant].settings.get("use_liger_kernel"):
         return None
     if importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel is not installed: trl-liger needs it (pip install liger-kernel)"
@@ -383,9 +419,8 @@ def measure_trl(workload: Workload, variant: str, steps: int, device: str, dtype
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,
-            precompute_ref_log_probs=variant == "trl-precompute",
             seed=0,
-            use_liger_kernel=variant == "trl-liger",
+            **VARIANTS[variant].settings,
         )
         lora = LoraConfig(
             r=workload.lora_rank,
@@ -403,7 +438,8 @@ def measure_trl(workload: Workload, variant: str, steps: int, device: str, dtype
             peft_config=lora,
             callbacks=[StepTimer()],
         )
-        reference_seconds = time.perf_counter() - prepare_started if variant == "trl-precompute" else 0.0
+        precomputed = VARIANTS[variant].settings.get("precompute_ref_log_probs", False)
+        reference_seconds = time.perf_counter() - prepare_started if precomputed else 0.0
         set_lora_start_torch(trainer.model)
         trainer.train()
     total = time.perf_counter() - started
@@ -420,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     global CHUNK, PAIRS
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
-    parser.add_argument("--variant", required=True, choices=VARIANTS)
+    parser.add_argument("--variant", required=True, choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -429,9 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     CHUNK, PAIRS = args.chunk, args.pairs
     workload = WORKLOADS[args.workload]
-    measure = measure_trl if args.variant.startswith("trl") else measure_duet
+    variant = VARIANTS[args.variant]
     try:
-        figures = measure(workload, args.variant, args.steps, args.device, args.dtype)
+        if variant.tool == "trl":
+            figures = measure_trl(workload, args.variant, args.steps, args.device, args.dtype)
+        else:
+            figures = measure_duet(workload, variant, args.steps, args.device, args.dtype)
     except Unavailable as exc:
         print("BENCH " + json.dumps({"variant": args.variant, "error": f"unavailable: {exc}"}), flush=True)
         return 0

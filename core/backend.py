@@ -203,7 +203,13 @@ class BackendPlugin:
     create: Callable[[Config, Collective, str | None], Backend]
     auto_preference: Callable[[], int]
     summary: str = ""
-    distributed: bool = False  # trains under torchrun
+    # under torchrun: forms the process group from (model.device, timeout in seconds) and returns this rank's
+    # collective and device; None for a backend that does not train under torchrun
+    join_job: Callable[[str, float], tuple[Collective, str]] | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.join_job is not None
 
 
 def is_apple_silicon() -> bool:

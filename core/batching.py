@@ -76,17 +76,22 @@ def plan_batches(
     epoch: int = 0,
     group_by_length: bool = True,
     drop_last: bool = False,
+    shuffle: bool = True,
 ) -> list[np.ndarray]:
     """The order of one epoch: a list of index arrays into ``lengths``, a pure function of its arguments.
 
     With ``group_by_length``, pairs are shuffled, then sorted by length within windows of
     ``MEGABATCH_FACTOR`` batches, so a batch holds pairs of similar length (little padding) while the
     order stays random. The batch holding the longest pair comes first, so a run that would run out of
-    memory does so at its first step rather than hours in.
+    memory does so at its first step rather than hours in. Without ``shuffle``, every epoch takes the pairs
+    in their order, in consecutive batches (to compare step by step with another tool).
     """
     lengths = np.asarray(lengths)
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if not shuffle:
+        batches = [np.arange(i, min(i + batch_size, len(lengths))) for i in range(0, len(lengths), batch_size)]
+        return [batch for batch in batches if len(batch) == batch_size] if drop_last else batches
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
     if group_by_length:

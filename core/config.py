@@ -241,6 +241,9 @@ class TrainConfig:
     max_grad_norm: float | None = option(1.0, "clip the gradient norm to this; null: no clipping")
     seed: int = option(0, "seed for the LoRA initialization, the data order and dropout")
     group_by_length: bool = option(True, "batch pairs of similar length together (less padding)")
+    shuffle: bool = option(
+        True, "a new random order each epoch; false: the data's own order in consecutive batches (no grouping)"
+    )
     eval_every: int | None = option(None, "evaluate every N steps; null: only at the end")
     save_every: int | None = option(None, "write a checkpoint every N steps; null: only at the end")
     log_every: int = option(1, "log training metrics every N steps")

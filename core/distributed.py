@@ -1,14 +1,13 @@
 """Running under torchrun: one process per device, each training on its shard of every global batch.
 
 ``Collective`` is what the backend-agnostic code needs from the other processes: sums, gathers, a shared
-decision to stop, a barrier. Outside torchrun it is the identity (one process, rank 0), so the trainer is
-written once for both. Under torchrun it wraps ``torch.distributed``: gloo on the CPU, NCCL on CUDA,
-with a timeout, so a rank that dies makes the others fail instead of hang.
+decision to stop, a barrier, all on NumPy arrays. Outside torchrun it is the identity (`SINGLE`: one
+process, rank 0), so the trainer is written once for both. A backend that trains under torchrun subclasses
+it with its transport (the torch backend's ``torch.distributed``); the library never imports one.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -36,10 +35,13 @@ def torchrun_environment() -> tuple[int, int, int] | None:
 
 @dataclass(frozen=True)
 class Collective:
+    """One process's view of the job. Subclasses that span processes implement `_all_reduce`,
+    `_all_gather` and `_barrier`; everything else is written once on top of them."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: Any = None  # where collective tensors live: CPU for gloo, the rank's GPU for NCCL
+    device: Any = None  # where the transport's buffers live (a backend's own device object)
     launched: bool = False  # a process group exists (torchrun), even of one process
 
     @property
@@ -60,14 +62,7 @@ class Collective:
     def sum(self, values: np.ndarray) -> np.ndarray:
         """Element-wise sum over ranks (float64)."""
         values = np.asarray(values, dtype=np.float64)
-        if not self.enabled:
-            return values
-        import torch
-        import torch.distributed as dist
-
-        tensor = torch.from_numpy(values.copy()).to(self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor.cpu().numpy()
+        return self._all_reduce(values) if self.enabled else values
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """Every rank's rows (a [n, k] float64 array, n differing by rank and possibly 0), concatenated in rank
@@ -77,19 +72,15 @@ class Collective:
             rows = rows.reshape(-1, 1) if rows.ndim == 1 else rows.reshape(len(rows), -1)
         if not self.enabled:
             return rows
-        import torch
-        import torch.distributed as dist
-
         counts = self.sum(np.eye(self.world_size)[self.rank] * len(rows)).astype(int)
         widths = self.sum(np.eye(self.world_size)[self.rank] * rows.shape[1]).astype(int)
         if len({int(w) for w, n in zip(widths, counts, strict=True) if n}) > 1:
             raise DistributedError(f"ranks gathered rows of different widths: {widths.tolist()}")
         width = int(max((w for w, n in zip(widths, counts, strict=True) if n), default=rows.shape[1]))
-        padded = np.zeros((int(counts.max()), width))
+        padded = np.zeros((int(counts.max()), width))  # every rank sends the same shape
         padded[: len(rows)] = rows
-        pieces = [torch.zeros(padded.shape, dtype=torch.float64, device=self.device) for _ in range(self.world_size)]
-        dist.all_gather(pieces, torch.from_numpy(padded).to(self.device))
-        return np.concatenate([p.cpu().numpy()[:n] for p, n in zip(pieces, counts, strict=True)])
+        pieces = self._all_gather(padded)
+        return np.concatenate([piece[:n] for piece, n in zip(pieces, counts, strict=True)])
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any: decisions (stop now) all ranks must take together."""
@@ -107,44 +98,21 @@ class Collective:
 
     def barrier(self) -> None:
         if self.enabled:
-            import torch.distributed as dist
+            self._barrier()
 
-            dist.barrier()
+    def close(self) -> None:
+        """Leave the job (the process group is torn down); nothing to do for one process."""
+
+    # -- the transport: only called when `enabled` ------------------------------------------------------
+
+    def _all_reduce(self, values: np.ndarray) -> np.ndarray:
+        raise DistributedError(f"{type(self).__name__} spans {self.world_size} processes but has no transport")
+
+    def _all_gather(self, rows: np.ndarray) -> list[np.ndarray]:
+        raise DistributedError(f"{type(self).__name__} spans {self.world_size} processes but has no transport")
+
+    def _barrier(self) -> None:
+        raise DistributedError(f"{type(self).__name__} spans {self.world_size} processes but has no transport")
 
 
 SINGLE = Collective()
-
-
-def init_distributed(device_choice: str, timeout_seconds: float) -> tuple[Collective, str]:
-    """Form the process group when launched by torchrun. Returns the collective and the torch device to train
-    on ("cuda:<local rank>" with NCCL, "cpu" with gloo); outside torchrun, (SINGLE, device_choice)."""
-    environment = torchrun_environment()
-    if environment is None:
-        return SINGLE, device_choice
-    import torch
-    import torch.distributed as dist
-
-    rank, world, local_rank = environment
-    use_cuda = device_choice in ("auto", "cuda") and torch.cuda.is_available()
-    if device_choice == "cuda" and not use_cuda:
-        raise DistributedError("model.device=cuda under torchrun, but torch sees no CUDA GPU on this node.")
-    if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise DistributedError(
-                f"LOCAL_RANK {local_rank}, but this node has {torch.cuda.device_count()} GPUs: lower --nproc_per_node."
-            )
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    else:
-        device = "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
-    return Collective(rank, world, local_rank, torch.device(device), launched=True), device
-
-
-def shutdown_distributed(collective: Collective) -> None:
-    if collective.enabled:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()

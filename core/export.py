@@ -11,9 +11,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from core.adapters import Adapter, AdapterError, read_adapter, write_mlx, write_peft
 from core.atomic import atomic_directory, recover, write_json
 from core.checkpoint import STATE_FILE, latest_checkpoint, read_state
+from core.weights import from_float32, read_tensors, to_float32, write_tensors
 
 FORMATS = ("peft", "mlx", "merged")
 # Files a merged model folder takes from its base model besides the weights.
@@ -161,9 +164,6 @@ def export_adapter(
 def write_merged(folder: Path, model: Path, adapter: Adapter) -> None:
     """The base model with ``W + scale · B A`` fused into every adapted weight, in the base's own dtype and
     Hugging Face layout (loadable by transformers 4 and 5 and mlx-lm: its config carries the rope both ways)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
     from core.model_config import with_both_rope_forms
 
     shards = sorted(model.glob("*.safetensors"))
@@ -172,24 +172,24 @@ def write_merged(folder: Path, model: Path, adapter: Adapter) -> None:
     remaining = set(adapter.a)
     index: dict[str, str] = {}
     for shard in shards:
-        weights = load_file(str(shard))
-        if any(key.endswith(".scales") for key in weights):
+        tensors, metadata = read_tensors(shard)
+        if any(key.endswith(".scales") for key in tensors):
             raise AdapterError(f"{model} is quantized; merge into its unquantized original (--base-model).")
         for module in sorted(remaining):
             key = f"{module}.weight"
-            if key not in weights:
+            if key not in tensors:
                 continue
-            base = weights[key]
-            delta = adapter.scale * (torch.from_numpy(adapter.b[module]) @ torch.from_numpy(adapter.a[module]))
-            if delta.shape != base.shape:
+            base = tensors[key]
+            delta = adapter.scale * (adapter.b[module].astype(np.float32) @ adapter.a[module].astype(np.float32))
+            if delta.shape != base.array.shape:
                 raise AdapterError(
-                    f"'{key}' has shape {tuple(base.shape)} but the adapter's update has "
+                    f"'{key}' has shape {tuple(base.array.shape)} but the adapter's update has "
                     f"{tuple(delta.shape)}: the adapter belongs to another base model."
                 )
-            weights[key] = (base.float() + delta).to(base.dtype)
+            tensors[key] = from_float32(to_float32(base) + delta, base.dtype)
             remaining.discard(module)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / shard.name), metadata={"format": "pt"})
-        index.update({key: shard.name for key in weights})
+        write_tensors(folder / shard.name, tensors, {**metadata, "format": "pt"})
+        index.update({key: shard.name for key in tensors})
     if remaining:
         raise AdapterError(
             f"the base model has no weight for the adapter's module '{sorted(remaining)[0]}'; is "

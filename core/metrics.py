@@ -1,7 +1,5 @@
-"""Metric events and where they go: ``metrics.jsonl``, the console, and Python callbacks.
-
-Every event is a flat JSON object with a ``type`` (start, reference, train, eval, checkpoint, warning,
-stopped, end, error, progress) and TRL's metric names (``loss``, ``rewards/margins``, ``eval_rewards/accuracies``...).
+"""Where a run's events (`core.events`) go: ``metrics.jsonl`` (one flat JSON object per line, TRL's metric
+names) and the console; and the one reader of that file, for a resume, ``duet watch`` and the TUI.
 """
 
 from __future__ import annotations
@@ -10,18 +8,31 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
 from rich.text import Text
 
 from core import faults
-
-Event = dict[str, Any]
-Callback = Callable[[Event], None]
+from core.events import (
+    CheckpointSaved,
+    DemoReport,
+    Evaluation,
+    Event,
+    Failed,
+    Finished,
+    Info,
+    Progress,
+    ReferenceReady,
+    RunStarted,
+    RunWarning,
+    Stopped,
+    TrainStep,
+    event_from_json,
+)
 
 
 def _clean(value: Any) -> Any:
@@ -44,7 +55,7 @@ class MetricsLog:
         self._handle = open(self.path, "ab")  # noqa: SIM115 - held open for the whole run, closed by close()
 
     def __call__(self, event: Event) -> None:
-        line = json.dumps(_clean(event), separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        line = json.dumps(_clean(event.to_json()), separators=(",", ":"), allow_nan=False).encode() + b"\n"
         if faults.armed("metrics.line"):  # killed half-way through a line: readers must skip the torn end
             self._handle.write(line[: len(line) // 2])
             self._handle.flush()
@@ -61,16 +72,18 @@ class MetricsLog:
 
 
 def parse_lines(data: bytes) -> list[Event]:
-    """The events in complete ``metrics.jsonl`` lines; a torn line (a writer killed mid-line) is skipped."""
+    """The events in complete ``metrics.jsonl`` lines; a torn line (a writer killed mid-line) is skipped, and
+    so is a kind this version does not know."""
     events = []
     for line in data.split(b"\n"):
         if not line.strip():
             continue
         try:
-            event = json.loads(line)
+            record = json.loads(line)
         except ValueError:
             continue  # a torn line: killed while writing it
-        if isinstance(event, dict):
+        event = event_from_json(record) if isinstance(record, dict) else None
+        if event is not None:
             events.append(event)
     return events
 
@@ -102,8 +115,7 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def _value(event: Event, key: str, spec: str = ".3f") -> str:
-    value = event.get(key)
+def _value(value: float | None, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
@@ -113,48 +125,50 @@ class ConsoleReporter:
     def __init__(self, console: Console | None = None, every_seconds: float = 10.0) -> None:
         self.console = console or Console()
         self.every_seconds = every_seconds
-        self._progress: Progress | None = None
+        self._progress: RichProgress | None = None
         self._task: Any = None
-        self._phase_bar: Progress | None = None  # a long phase's bar before training starts
+        self._phase_bar: RichProgress | None = None  # a long phase's bar before training starts
         self._phase_task: Any = None
         self._last_line = 0.0
 
     def __call__(self, event: Event) -> None:
-        kind = event.get("type")
-        if kind != "progress":  # anything else ends a phase's bar first (it is transient: nothing is left)
+        if not isinstance(event, Progress):  # anything else ends a phase's bar first (it is transient)
             self._stop_phase()
-        if kind in ("stopped", "error", "end"):  # the run is over: its progress line goes above this message
+        if isinstance(event, (Stopped, Failed, Finished)):  # the run is over: its progress line goes above
             self._stop_progress()
-        if kind == "start":
-            self._print(event["message"])
-            self._start(event)
-        elif kind == "train":
-            self._train(event)
-        elif kind == "eval":
-            metrics = "  ".join(
-                f"{k.removeprefix('eval_')} {event[k]:.4f}"
-                for k in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies")
-                if k in event
-            )
-            self._print(Text.assemble(("eval", "bold"), f" step {event['step']}: {metrics}"))
-        elif kind in ("warning", "error"):
-            self._print(Text.assemble((f"{kind}: ", "yellow" if kind == "warning" else "bold red"), event["message"]))
-        elif kind in ("reference", "checkpoint", "stopped", "info"):
-            self._print(Text(event["message"]))
-        elif kind == "end":
-            self._print(Text(event["message"], style="bold green"))
-        elif kind == "progress":
-            self._phase(event)
+        match event:
+            case RunStarted():
+                self._print(event.message)
+                self._start(event)
+            case TrainStep():
+                self._train(event)
+            case Evaluation():
+                metrics = "  ".join(
+                    f"{k} {event.metrics[k]:.4f}"
+                    for k in ("loss", "rewards/margins", "rewards/accuracies")
+                    if event.metrics.get(k) is not None
+                )
+                self._print(Text.assemble(("eval", "bold"), f" step {event.step}: {metrics}"))
+            case RunWarning():
+                self._print(Text.assemble(("warning: ", "yellow"), event.message))
+            case Failed():
+                self._print(Text.assemble(("error: ", "bold red"), event.message))
+            case Finished():
+                self._print(Text(event.message, style="bold green"))
+            case Progress():
+                self._phase(event)
+            case ReferenceReady() | CheckpointSaved() | Stopped() | Info() | DemoReport():
+                self._print(Text(event.message))
 
     def _print(self, text: Text | str) -> None:
         # Text, never markup: messages carry paths and names with brackets that rich would read as tags
         text = text if isinstance(text, Text) else Text(text)
         (self._progress.console if self._progress else self.console).print(text, highlight=False)
 
-    def _start(self, event: Event) -> None:
+    def _start(self, event: RunStarted) -> None:
         if not self.console.is_terminal:
             return
-        self._progress = Progress(
+        self._progress = RichProgress(
             TextColumn("[bold]step {task.completed}/{task.total}"),
             BarColumn(),
             TaskProgressColumn(),
@@ -166,42 +180,38 @@ class ConsoleReporter:
         )
         self._progress.start()
         self._task = self._progress.add_task(
-            "train", total=event["total_steps"], completed=event.get("start_step", 0), status="", eta="?"
+            "train", total=event.total_steps, completed=event.start_step, status="", eta="?"
         )
 
-    def _train(self, event: Event) -> None:
+    def _train(self, event: TrainStep) -> None:
+        metrics = event.metrics
         status = (
-            f"loss {_value(event, 'loss', '.4f')}  margin {_value(event, 'rewards/margins')}  "
-            f"acc {_value(event, 'rewards/accuracies', '.2f')}  {_value(event, 'tokens_per_second', '.0f')} tok/s"
+            f"loss {_value(metrics.get('loss'), '.4f')}  margin {_value(metrics.get('rewards/margins'))}  "
+            f"acc {_value(metrics.get('rewards/accuracies'), '.2f')}  {_value(event.tokens_per_second, '.0f')} tok/s"
         )
         if self._progress is not None:
-            self._progress.update(
-                self._task, completed=event["step"], status=status, eta=format_duration(event.get("eta"))
-            )
+            self._progress.update(self._task, completed=event.step, status=status, eta=format_duration(event.eta))
             return
         now = time.monotonic()
-        if now - self._last_line >= self.every_seconds or event["step"] == event.get("total_steps"):
+        if now - self._last_line >= self.every_seconds or event.step == event.total_steps:
             self._last_line = now
-            self._print(
-                f"step {event['step']}/{event.get('total_steps', '?')}  {status}  "
-                f"ETA {format_duration(event.get('eta'))}"
-            )
+            self._print(f"step {event.step}/{event.total_steps}  {status}  ETA {format_duration(event.eta)}")
 
-    def _phase(self, event: Event) -> None:
+    def _phase(self, event: Progress) -> None:
         """A long phase's bar: its own transient bar before training, the training bar's status during it,
         a line every ``every_seconds`` in a log (the phase's own closing message follows it)."""
-        finished = event["done"] >= event["total"]
+        finished = event.finished
         if self._progress is not None and self._task is not None:  # evaluation during training
-            self._progress.update(self._task, status="" if finished else event["message"])
+            self._progress.update(self._task, status="" if finished else event.message)
             return
         if not self.console.is_terminal:
             now = time.monotonic()
             if not finished and now - self._last_line >= self.every_seconds:
                 self._last_line = now
-                self._print(event["message"])
+                self._print(event.message)
             return
         if self._phase_bar is None:
-            self._phase_bar = Progress(
+            self._phase_bar = RichProgress(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 TextColumn("{task.completed}/{task.total} {task.fields[unit]}"),
@@ -211,15 +221,13 @@ class ConsoleReporter:
                 transient=True,
             )
             self._phase_bar.start()
-            self._phase_task = self._phase_bar.add_task(
-                event["label"], total=event["total"], unit=event["unit"], eta="?"
-            )
+            self._phase_task = self._phase_bar.add_task(event.label, total=event.total, unit=event.unit, eta="?")
         self._phase_bar.update(
             self._phase_task,
-            description=event["label"],
-            completed=event["done"],
-            total=event["total"],
-            eta=format_duration(event.get("eta")),
+            description=event.label,
+            completed=event.done,
+            total=event.total,
+            eta=format_duration(event.eta),
         )
         if finished:
             self._stop_phase()

@@ -3,30 +3,46 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from core.errors import DuetError
-from core.named import NAMED_MODELS
+from core.named import MODEL_FILE_CONVERTERS, NAMED_MODELS
 
 
 class ModelError(DuetError):
     """A model or tokenizer that cannot be found or loaded."""
 
 
-def resolve_model_path(path: str) -> str:
-    """A local folder as an absolute path; anything else is taken for a hub id."""
-    if path in NAMED_MODELS:  # "demo"
-        return str(NAMED_MODELS[path]())
-    local = Path(path).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise ModelError(f"model {path}: is a file; give the folder holding config.json and the weights.")
-        return str(local.resolve())
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise ModelError(f"model {path}: no such folder.")
+def resolve_model_path(path: str, emit: Callable | None = None) -> str:
+    """A local folder as an absolute path; a named model (``demo``, a recommended model) or a model file
+    (``.gguf``) as the folder it stands for, converted on first use (``emit`` receives the conversion's
+    progress events); anything else is taken for a hub id."""
+    local = Path(NAMED_MODELS[path]()) if path in NAMED_MODELS else Path(path).expanduser()
+    if local.is_file():
+        return str(_converted(local, path, emit))
+    if local.is_dir():
+        models = sorted(local.glob("*.gguf")) if not (local / "config.json").exists() else []
+        if len(models) > 1:
+            names = ", ".join(m.name for m in models)
+            raise ModelError(f"model {path}: this folder holds several GGUF files ({names}); name one in model.path.")
+        return str(_converted(models[0], path, emit)) if models else str(local.resolve())
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or path.lower().endswith(".gguf"):
+        raise ModelError(f"model {path}: no such file or folder.")
     check_hub(path)
     return path  # a hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct
+
+
+def _converted(file: Path, path: str, emit: Callable | None) -> Path:
+    convert = MODEL_FILE_CONVERTERS.get(file.suffix.lower())
+    if convert is None:
+        known = ", ".join(sorted(MODEL_FILE_CONVERTERS)) or "none"
+        raise ModelError(
+            f"model {path}: is a file; give the folder holding config.json and the weights, or a model file "
+            f"Duet converts ({known})."
+        )
+    return convert(file.resolve(), emit)
 
 
 HUB_TIMEOUT = 3.0  # seconds the hub gets to answer before it counts as unreachable

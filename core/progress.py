@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
+from core.events import Event, Progress
 from core.metrics import format_duration
 
 EVERY_SECONDS = 1.0  # the most often a phase reports
@@ -22,7 +22,7 @@ class PhaseProgress:
 
     def __init__(
         self,
-        emit: Callable[[dict[str, Any]], None],
+        emit: Callable[[Event], None],
         phase: str,
         label: str,
         total: int,
@@ -50,16 +50,15 @@ class PhaseProgress:
         elapsed = now - self.started
         eta = 0.0 if finished else (elapsed / done * (self.total - done) if done else None)
         self.emit(
-            {
-                "type": "progress",
-                "phase": self.phase,
-                "label": self.label,
-                "done": done,
-                "total": self.total,
-                "unit": self.unit,
-                "elapsed": round(elapsed, 3),
-                "eta": None if eta is None else round(eta, 3),
-                "message": f"{self.label}: {done}/{self.total} {self.unit}, {format_duration(elapsed)} elapsed"
+            Progress(
+                phase=self.phase,
+                label=self.label,
+                done=done,
+                total=self.total,
+                unit=self.unit,
+                elapsed=round(elapsed, 3),
+                eta=None if eta is None else round(eta, 3),
+                message=f"{self.label}: {done}/{self.total} {self.unit}, {format_duration(elapsed)} elapsed"
                 + ("" if finished else f", ETA {format_duration(eta)}"),
-            }
+            )
         )

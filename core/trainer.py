@@ -22,7 +22,8 @@ from core.checkpoint import TrainerState, save_checkpoint
 from core.config import Config
 from core.distributed import SINGLE, Collective
 from core.errors import DuetError
-from core.metrics import Callback, format_duration
+from core.events import Callback, CheckpointSaved, Evaluation, Paused, Resumed, RunWarning, TrainStep
+from core.metrics import format_duration
 from core.objectives import Objective
 from core.progress import PhaseProgress
 from core.reference import ReferenceLogps
@@ -119,6 +120,7 @@ def micro_batches(data: TrainData, config: Config, epoch: int, position: int) ->
             epoch=epoch,
             group_by_length=config.train.group_by_length,
             drop_last=world > 1,
+            shuffle=config.train.shuffle,
         )
         for index in range(position, len(plan)):
             yield epoch, index + 1, plan[index]
@@ -250,12 +252,11 @@ def check_finite(outcome: StepOutcome, state: TrainerState, config: Config, data
         return
     if outcome.loss_finite and outcome.update.overflow:
         emit(
-            {
-                "type": "warning",
-                "step": step,
-                "message": f"step {step}: fp16 loss scale overflowed; the scale was "
+            RunWarning(
+                step=step,
+                message=f"step {step}: fp16 loss scale overflowed; the scale was "
                 "lowered and this step skipped (normal early in fp16 training)",
-            }
+            )
         )
         return
     what = "loss" if not outcome.loss_finite else f"gradient (norm {outcome.update.grad_norm})"
@@ -270,7 +271,7 @@ def check_finite(outcome: StepOutcome, state: TrainerState, config: Config, data
             f"{message}{limit}. The newest checkpoint is the last good state. Lower train.lr, "
             "check the data at these pairs, or set train.nonfinite=skip."
         )
-    emit({"type": "warning", "step": step, "message": message + "; skipped"})
+    emit(RunWarning(step=step, message=message + "; skipped"))
 
 
 def train_event(
@@ -280,28 +281,27 @@ def train_event(
     elapsed: float,
     step_seconds: float,
     batches_per_epoch: int,
-) -> dict:
-    return {
-        "type": "train",
-        "step": state.step,
-        "total_steps": state.total_steps,
-        "epoch": round(state.epoch + state.batch_in_epoch / batches_per_epoch, 4),
-        **outcome.metrics,
-        "learning_rate": outcome.lr,
-        "grad_norm": outcome.update.grad_norm if outcome.update else None,
-        "tokens_per_second": outcome.tokens / elapsed if elapsed > 0 else None,
-        "pairs": outcome.pairs,
-        "tokens": outcome.tokens,
-        "elapsed": state.elapsed_seconds,
-        "eta": step_seconds * (state.total_steps - state.step),
-        "margins": outcome.margins.round(6).tolist(),
-        "memory": backend.memory(),
-    }
+) -> TrainStep:
+    return TrainStep(
+        step=state.step,
+        total_steps=state.total_steps,
+        epoch=round(state.epoch + state.batch_in_epoch / batches_per_epoch, 4),
+        metrics=dict(outcome.metrics),
+        learning_rate=outcome.lr,
+        grad_norm=outcome.update.grad_norm if outcome.update else None,
+        tokens_per_second=outcome.tokens / elapsed if elapsed > 0 else None,
+        pairs=outcome.pairs,
+        tokens=outcome.tokens,
+        elapsed=state.elapsed_seconds,
+        eta=step_seconds * (state.total_steps - state.step),
+        margins=outcome.margins.round(6).tolist(),
+        memory=backend.memory(),
+    )
 
 
 def eval_event(
     backend: Backend, objective: Objective, data: TrainData, config: Config, step: int, emit: Callback
-) -> dict:
+) -> Evaluation:
     """The held-out split's metrics (pair-weighted means) and every pair's margin, at ``step``."""
     progress = PhaseProgress(emit, "eval", f"evaluation at step {step}", len(data.eval))
     metrics, margins = evaluate_split(
@@ -315,13 +315,7 @@ def eval_event(
         data.collective,
         progress,
     )
-    return {
-        "type": "eval",
-        "step": step,
-        **{f"eval_{k}": v for k, v in metrics.items()},
-        "eval_margins": margins.round(6).tolist(),
-        "eval_pairs": len(data.eval),
-    }
+    return Evaluation(step=step, metrics=dict(metrics), margins=margins.round(6).tolist(), pairs=len(data.eval))
 
 
 def save_step(
@@ -340,13 +334,12 @@ def save_step(
     state.metrics_offset = metrics_offset()
     path = save_checkpoint(run_dir, backend, state, keep, rng)
     emit(
-        {
-            "type": "checkpoint",
-            "step": state.step,
-            "path": str(path),
-            "message": f"checkpoint saved: {path} (step {state.step}, "
+        CheckpointSaved(
+            step=state.step,
+            path=str(path),
+            message=f"checkpoint saved: {path} (step {state.step}, "
             f"{format_duration(state.elapsed_seconds)} of training)",
-        }
+        )
     )
 
 
@@ -372,9 +365,9 @@ def train(
     # under torchrun, decisions are taken together: a rank that got SIGTERM stops the others with it
     while state.step < state.total_steps and not collective.any(control.stop_requested):
         if control.paused:
-            emit({"type": "paused", "step": state.step, "message": f"paused at step {state.step}"})
+            emit(Paused(step=state.step, message=f"paused at step {state.step}"))
             control.wait_while_paused()
-            emit({"type": "resumed", "step": state.step, "message": f"resumed at step {state.step}"})
+            emit(Resumed(step=state.step, message=f"resumed at step {state.step}"))
             if control.stop_requested:
                 break
         with control.step_lock:

@@ -66,3 +66,13 @@ def test_length_grouping_cuts_padding_on_real_data(fixture_data: Path, qwen_toke
     batches = [collate([tokenized[i] for i in b], pad_id=0) for b in plan]
     padded = sum(b.input_ids.size for b in batches)
     assert grouped == pytest.approx(1 - sum(b.num_tokens for b in batches) / padded)
+
+
+def test_without_shuffle_every_epoch_takes_the_pairs_in_order() -> None:
+    lengths = list(range(10, 0, -1))
+    plan = plan_batches(lengths, 4, seed=3, epoch=5, shuffle=False)
+    assert [b.tolist() for b in plan] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [b.tolist() for b in plan_batches(lengths, 4, seed=3, shuffle=False, drop_last=True)] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+    ]

@@ -8,6 +8,7 @@ import re
 import pytest
 from rich.console import Console
 
+from core.events import event_from_json as event
 from core.metrics import ConsoleReporter
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -25,10 +26,10 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def test_the_last_message_is_the_last_line_on_a_terminal(last: dict) -> None:
     output = io.StringIO()
     reporter = ConsoleReporter(Console(file=output, force_terminal=True, width=100))
-    reporter({"type": "start", "message": "training", "total_steps": 10})
+    reporter(event({"type": "start", "message": "training", "total_steps": 10}))
     for step in (1, 2, 3):
-        reporter({"type": "train", "step": step, "total_steps": 10, "loss": 0.5})
-    reporter(last)
+        reporter(event({"type": "train", "step": step, "total_steps": 10, "loss": 0.5}))
+    reporter(event(last))
     reporter.close()
     screen = [line.rsplit("\r", 1)[-1] for line in ANSI.sub("", output.getvalue()).splitlines()]
     shown = [line for line in screen if line.strip()]

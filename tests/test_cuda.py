@@ -36,11 +36,11 @@ pytestmark = [
 ]
 
 from backends.torch_backend.backend import TorchBackend  # noqa: E402
+from backends.torch_backend.distributed import TorchCollective  # noqa: E402
 from backends.torch_backend.kernel import logit_transform, masked_sequence_logps, naive_sequence_logps  # noqa: E402
 from core.batching import collate  # noqa: E402
 from core.config import LoraConfig  # noqa: E402
 from core.data import load_preferences  # noqa: E402
-from core.distributed import Collective  # noqa: E402
 from core.objectives import DPO  # noqa: E402
 from core.tokenization import ChatTokenizer, tokenize_pairs  # noqa: E402
 from tests.helpers import DEMO_MODEL, metric_bounds, random_batch, tiny_causal_lm, write_demo_subset  # noqa: E402
@@ -251,15 +251,6 @@ def test_bf16_autocast_keeps_the_lora_weights_in_float32(cpu_step) -> None:
     assert all(not torch.equal(p, before[n]) for n, p in trainable)
 
 
-class _OneRankCollective(Collective):
-    """One process that still takes the torchrun code path (DDP, NCCL collectives): torchrun with one process
-    is treated as no torchrun at all (core/distributed.py), so this is the only way to run it on one GPU."""
-
-    @property
-    def enabled(self) -> bool:
-        return True
-
-
 def test_the_nccl_path_on_one_gpu_equals_the_plain_step(cpu_step, monkeypatch) -> None:
     import torch.distributed as dist
 
@@ -271,7 +262,8 @@ def test_the_nccl_path_on_one_gpu_equals_the_plain_step(cpu_step, monkeypatch) -
     monkeypatch.setenv("MASTER_PORT", str(port))
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda:0"))
     try:
-        collective = _OneRankCollective(0, 1, 0, torch.device("cuda:0"))
+        # one process that still takes the torchrun code path (DDP, NCCL collectives)
+        collective = TorchCollective(0, 1, 0, torch.device("cuda:0"), launched=True)
         assert collective.sum(np.array([1.5, 2.0])).tolist() == [1.5, 2.0]
         assert collective.gather(np.array([[1.0, 2.0]])).tolist() == [[1.0, 2.0]]
         ddp = demo_backend("cuda:0", "float32", lora_from=cpu, collective=collective)

@@ -6,6 +6,7 @@ import io
 
 from rich.console import Console
 
+from core.events import event_from_json
 from core.metrics import ConsoleReporter, read_metrics
 from core.progress import PhaseProgress
 from core.run import run
@@ -27,7 +28,7 @@ def test_events_are_throttled_and_carry_an_eta() -> None:
         clock.now = done * 0.25  # 10 pairs every 2.5 s: one event a batch after the first second
         progress(done, 100)
     assert [e["done"] for e in events] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
-    assert events[0] == {
+    assert events[0].to_json() == {
         "type": "progress",
         "phase": "reference",
         "label": "reference log-probs (train)",
@@ -54,13 +55,15 @@ def test_the_console_shows_a_bar_in_a_terminal_and_lines_in_a_log() -> None:
     log = io.StringIO()
     reporter = ConsoleReporter(Console(file=log, force_terminal=False, width=120), every_seconds=0.0)
     event = {"type": "progress", "phase": "reference", "label": "ref", "done": 3, "total": 9, "unit": "pairs"}
-    reporter({**event, "message": "ref: 3/9 pairs, 0:01 elapsed, ETA 0:02"})
-    reporter({**event, "done": 9, "message": "ref: 9/9 pairs, 0:03 elapsed"})  # the phase's own message follows
+    reporter(event_from_json({**event, "message": "ref: 3/9 pairs, 0:01 elapsed, ETA 0:02"}))
+    reporter(
+        event_from_json({**event, "done": 9, "message": "ref: 9/9 pairs, 0:03 elapsed"})
+    )  # the phase's own message follows
     assert log.getvalue() == "ref: 3/9 pairs, 0:01 elapsed, ETA 0:02\n"
     screen = io.StringIO()
     reporter = ConsoleReporter(Console(file=screen, force_terminal=True, width=120))
-    reporter({**event, "message": "ref: 3/9 pairs"})
-    reporter({"type": "info", "message": "next"})  # a transient bar is gone before the next line
+    reporter(event_from_json({**event, "message": "ref: 3/9 pairs"}))
+    reporter(event_from_json({"type": "info", "message": "next"}))  # a transient bar is gone before the next line
     reporter.close()
     assert "next" in screen.getvalue() and "3/9 pairs" in screen.getvalue()
 

@@ -16,6 +16,7 @@ import pytest
 from rich.console import Console
 from safetensors.numpy import load_file
 
+from core.events import Event
 from core.metrics import read_metrics
 from core.objectives import OBJECTIVES
 from core.run import main, run
@@ -30,8 +31,8 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), width=120)
 
 
-def numbers(event: dict) -> dict:
-    return {k: v for k, v in event.items() if k not in TIMING_KEYS}
+def numbers(event: Event) -> dict:
+    return {k: v for k, v in event.to_json().items() if k not in TIMING_KEYS}
 
 
 def test_reference_log_probs_are_cached_and_reused(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from textual.binding import Binding, BindingType
 from textual.widgets import Input, RadioSet
 
 from backends.torch_backend.backend import TorchBackend
+from core.events import Event, event_from_json
+from core.metrics import read_metrics as read_events
 from core.rundir import RunDirectory
 from tests.helpers import DEMO_MODEL, quick_config
 from tui.app import DuetApp
@@ -229,8 +231,8 @@ def test_recorded_fixture_is_a_complete_run() -> None:
 # -- issue 12: what a new user hit in the first hour ---------------------------------------------------------
 
 
-def recorded_events() -> list[dict]:
-    return [json.loads(line) for line in RECORDED.read_text().splitlines()]
+def recorded_events() -> list[Event]:
+    return read_events(RECORDED)
 
 
 async def test_check_data_and_start_apply_the_same_skip_invalid_rule(tmp_path: Path) -> None:
@@ -377,20 +379,22 @@ async def test_after_a_run_new_run_and_resume_from_the_dashboard(tmp_path: Path)
 async def test_watch_a_resumed_run_forgets_the_old_stop(tmp_path: Path) -> None:
     events = recorded_events()
     history = [e for e in events if e["type"] not in ("end", "stopped") and e.get("step", 0) <= 20]
-    stopped = {"type": "stopped", "step": 20, "message": "stopped at step 20/40 (test); resume with: ..."}
+    stopped = event_from_json(
+        {"type": "stopped", "step": 20, "message": "stopped at step 20/40 (test); resume with: ..."}
+    )
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     metrics = run_dir / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps(e) + "\n" for e in [*history, stopped]))
+    metrics.write_text("".join(json.dumps(e.to_json()) + "\n" for e in [*history, stopped]))
     app = DuetApp(watch=run_dir)
     async with app.run_test(size=(100, 30)) as pilot:
         board = dashboard(app)
         await wait_for(pilot, lambda: board.state.phase == "stopped")
         start = next(e for e in events if e["type"] == "start")
-        resumed = [{**start, "resumed": True, "start_step": 20, "time": 1.0}]
+        resumed = [event_from_json({**start.to_json(), "resumed": True, "start_step": 20, "time": 1.0})]
         later = [e for e in events if e["type"] == "train" and 20 < e["step"] <= 30]
         # cut back to the checkpoint and grown past the old end between two reads
-        metrics.write_text("".join(json.dumps(e) + "\n" for e in [*history, *resumed, *later]))
+        metrics.write_text("".join(json.dumps(e.to_json()) + "\n" for e in [*history, *resumed, *later]))
         with RunDirectory(run_dir, "x").lock():
             await wait_for(pilot, lambda: board.state.step == 30)
             assert board.state.phase == "training"
@@ -492,9 +496,9 @@ async def test_long_phases_show_their_progress_live_and_when_watched(tmp_path: P
     from tui.session import RunEvent
     from tui.widgets import RunStatus
 
-    def progress(done: int, total: int = 270) -> dict:
+    def progress(done: int, total: int = 270) -> Event:
         base = {"type": "progress", "phase": "reference", "unit": "pairs", "elapsed": 3.0, "message": "reference"}
-        return {**base, "done": done, "total": total, "eta": 42.0}
+        return event_from_json({**base, "done": done, "total": total, "eta": 42.0})
 
     def status(app) -> str:
         return str(app.screen.query_one(RunStatus).render())
@@ -518,7 +522,7 @@ async def test_long_phases_show_their_progress_live_and_when_watched(tmp_path: P
         await wait_for(pilot, lambda: "10/100" not in status(app) and "TRAINING" in status(app))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text(json.dumps(progress(50)) + "\n")
+    (run_dir / "metrics.jsonl").write_text(json.dumps(progress(50).to_json()) + "\n")
     app = DuetApp(watch=run_dir)
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for(pilot, lambda: "reference 50/270 pairs" in status(app))

@@ -5,7 +5,6 @@ after a reviewed change."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,8 @@ from textual.widgets import Input
 
 import tui.setup
 from core.config import config_from_dict, read_yaml
+from core.events import event_from_json
+from core.metrics import read_metrics as read_events
 from models.tiny_chat import CONFIG_FILE
 from tui.app import DuetApp
 from tui.dashboard import DashboardScreen
@@ -54,16 +55,16 @@ def test_setup_screen(snap_compare, monkeypatch, size) -> None:
 
 @pytest.mark.parametrize("size", SIZES, ids=IDS)
 def test_dashboard_mid_run(snap_compare, size) -> None:
-    events = [json.loads(line) for line in RECORDED.read_text().splitlines()]
+    events = read_events(RECORDED)
     mid_run = [e for e in events if e.get("step", 0) <= 25 and e["type"] not in ("end", "stopped")]
     assert snap_compare(ScreenApp(lambda: DashboardScreen(replay=mid_run)), terminal_size=size, run_before=steady)
 
 
 @pytest.mark.parametrize("size", SIZES[:2], ids=IDS[:2])
 def test_dashboard_long_phase_progress(snap_compare, size) -> None:
-    events = [json.loads(line) for line in RECORDED.read_text().splitlines()][:2]
+    events = read_events(RECORDED)[:2]
     progress = {"type": "progress", "phase": "reference", "done": 120, "total": 270, "unit": "pairs"}
-    events.append({**progress, "elapsed": 30.0, "eta": 42.0, "message": "reference log-probs"})
+    events.append(event_from_json({**progress, "elapsed": 30.0, "eta": 42.0, "message": "reference log-probs"}))
     assert snap_compare(ScreenApp(lambda: DashboardScreen(replay=events)), terminal_size=size, run_before=steady)
 
 

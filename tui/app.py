@@ -10,8 +10,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
-from core.config import Config
-from core.errors import DuetError
+from app.api import Config, DuetError
 
 RUN_MARKERS = ("metrics.jsonl", "config.yaml")  # what a run directory holds from its first moments
 
@@ -49,7 +48,7 @@ class DuetApp(App):
             self.push_screen(DashboardScreen(session=TrainingSession(resume=self.resume)))
         else:
             if self.initial_config is None:
-                from app.run import resolve_config
+                from app.api import resolve_config
 
                 self.initial_config = resolve_config(None, ())
             self.push_screen(SetupScreen(self.initial_config, source=self.source))
@@ -107,7 +106,7 @@ def run_app(
 ) -> int:
     config, source = None, "the demo"
     if config_path is not None:
-        from core.config import load_config
+        from app.api import load_config
 
         config, source = load_config(config_path), config_path
     if watch and not wait:

@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from rich.text import Text
 from textual import on
@@ -18,7 +18,7 @@ from textual.events import Resize
 from textual.screen import Screen
 from textual.widgets import Footer, RichLog
 
-from core.config import Config
+from app.api import CheckpointSaved, Config, Event, Finished
 from tui.dialogs import ConfirmDialog, ExportDialog, TryItPanel
 from tui.follow import MetricsFollower
 from tui.session import RunEvent, TrainingFailed, TrainingFinished, TrainingSession
@@ -62,7 +62,7 @@ class DashboardScreen(Screen):
         self,
         session: TrainingSession | None = None,
         follow: Path | None = None,
-        replay: list[dict[str, Any]] | None = None,
+        replay: list[Event] | None = None,
     ) -> None:
         super().__init__()
         self.session = session
@@ -85,7 +85,7 @@ class DashboardScreen(Screen):
         """Where the figures come from, for the status line: the run followed, or the run being trained."""
         if self.follower is not None:
             return f"watching {self.follower.run_dir.name}"
-        run_dir = self.state.run.get("run_dir") or (self.session and self.session.resume)
+        run_dir = (self.state.run and self.state.run.run_dir) or (self.session and self.session.resume)
         return f"run {Path(run_dir).name}" if run_dir else ""
 
     # -- layout -----------------------------------------------------------------------------------------
@@ -145,15 +145,15 @@ class DashboardScreen(Screen):
 
     # -- events -----------------------------------------------------------------------------------------
 
-    def _apply(self, event: dict[str, Any]) -> None:
+    def _apply(self, event: Event) -> None:
         phase = self.state.phase
         self.state.apply(event)
-        if self.state.phase != phase or event.get("type") in ("checkpoint", "end"):
+        if self.state.phase != phase or isinstance(event, (CheckpointSaved, Finished)):
             self.refresh_bindings()  # what the footer offers depends on where the run is
         self._last_event = time.monotonic()
-        kind = event.get("type")
-        if event.get("message") and (kind in LOG_STYLES or kind in ("start", "reference", "info", "resumed")):
-            self._log(kind, event["message"])
+        kind = event.type
+        if event.message and (kind in LOG_STYLES or kind in ("start", "reference", "info", "demo", "resumed")):
+            self._log(kind, event.message)
         self._dirty = True
 
     def _log(self, kind: str, message: str) -> None:
@@ -262,7 +262,7 @@ class DashboardScreen(Screen):
     def _run_dir(self) -> Path | None:
         if self.session is None:
             return None
-        run_dir = self.session.run_dir or self.state.run.get("run_dir") or self.session.resume
+        run_dir = self.session.run_dir or (self.state.run and self.state.run.run_dir) or self.session.resume
         return Path(run_dir) if run_dir else None
 
     def _resumable(self) -> Path | None:
@@ -279,11 +279,11 @@ class DashboardScreen(Screen):
         config = self.session.config
         run_dir = self._run_dir()
         if config is None and run_dir is not None:  # a resumed run: its own config
-            from core.rundir import RunDirectory
+            from app.api import RunDirectory
 
             config = RunDirectory.open(run_dir).load_config()
         if config is None:
-            from app.run import resolve_config
+            from app.api import resolve_config
 
             config = resolve_config(None, ())
         config = next_run_config(config)

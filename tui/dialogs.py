@@ -123,8 +123,7 @@ class ExportDialog(ModalScreen[Path | None]):
 
     @work(thread=True, exclusive=True)
     def export(self, target: str, out: Path, force: bool) -> None:
-        from core.errors import DuetError
-        from core.export import export
+        from app.api import DuetError, export
 
         try:
             written = export(self.source, target, out, force=force)

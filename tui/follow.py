@@ -8,8 +8,7 @@ import fcntl
 from pathlib import Path
 from typing import Any
 
-from core.metrics import parse_lines
-from core.rundir import LOCK_FILE, METRICS_FILE
+from app.api import LOCK_FILE, METRICS_FILE, parse_events
 
 TAIL = 256  # bytes compared to tell a file that only grew from one cut back and rewritten
 
@@ -42,7 +41,7 @@ class MetricsFollower:
         self.offset += len(data)
         self._tail = (self._tail + data)[-TAIL:]
         complete, _, self._partial = (self._partial + data).rpartition(b"\n")  # a last line waits for its end
-        return parse_lines(complete), restarted
+        return parse_events(complete), restarted
 
     def is_running(self) -> bool | None:
         """True when a process holds the run's lock, False when none does, None when there is no run yet."""

@@ -11,8 +11,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from core.config import Config
-from core.errors import DuetError
+from app.api import Config, DuetError
 
 
 class InspectScreen(Screen):
@@ -40,9 +39,7 @@ class InspectScreen(Screen):
 
     @work(thread=True, exclusive=True)
     def load(self) -> None:
-        from core.inspection import inspect_data, summary
-        from core.models_io import load_tokenizer
-        from core.prepare import resolve_data_source
+        from app.api import inspect_data, load_tokenizer, resolve_data_source, summary
 
         data = self.config.data
         try:
@@ -71,7 +68,7 @@ class InspectScreen(Screen):
         self.show()
 
     def show(self) -> None:
-        from core.inspection import render_pair
+        from app.api import render_pair
 
         if not self.inspection or not self.inspection.tokenized:
             return

@@ -16,15 +16,13 @@ from typing import Any
 from rich.console import Console
 from textual.message import Message
 
-from core.config import Config
-from core.errors import DuetError
-from core.trainer import RunControl
+from app.api import Config, DuetError, Event, RunControl, RunStarted
 
 
 class RunEvent(Message):
-    """One metric event from the run (the same dicts that go to metrics.jsonl)."""
+    """One event from the run (the same that go to metrics.jsonl)."""
 
-    def __init__(self, event: dict[str, Any]) -> None:
+    def __init__(self, event: Event) -> None:
         super().__init__()
         self.event = event
 
@@ -56,11 +54,11 @@ class TrainingSession:
 
     def run(self, post: Callable[[Message], Any]) -> None:
         """The whole run; call it in a worker thread. Every outcome arrives as a message through ``post``."""
-        from app.run import run
+        from app.api import run
 
-        def on_event(event: dict[str, Any]) -> None:
-            if event.get("type") == "start":
-                self.run_dir = Path(event["run_dir"])
+        def on_event(event: Event) -> None:
+            if isinstance(event, RunStarted):
+                self.run_dir = Path(event.run_dir)
             post(RunEvent(event))
 
         try:

@@ -19,10 +19,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Select, Static
 
-from app.backends import backend_names
-from core.config import Config, config_from_dict
-from core.errors import DuetError
-from core.objectives import OBJECTIVES
+from app.api import OBJECTIVES, Config, DuetError, backend_names, config_from_dict
 
 
 def objective_help(name: str) -> str:
@@ -86,8 +83,7 @@ def get(config: dict[str, Any], key: str) -> Any:
 
 
 def backend_note() -> str:
-    from app.backends import resolve_backend_name
-    from app.doctor import mlx_report, torch_report
+    from app.api import mlx_report, resolve_backend_name, torch_report
 
     chosen = resolve_backend_name("auto")
     torch_info, mlx_info = torch_report(), mlx_report()
@@ -165,8 +161,7 @@ class SetupScreen(Screen):
 
     def current_config(self) -> Config | None:
         """The form as a validated Config, or None with the error shown."""
-        from app.run import absolute_paths
-        from core.config import apply_override
+        from app.api import absolute_paths, apply_override
 
         data = yaml.safe_load(yaml.safe_dump(self.base))
         try:
@@ -217,8 +212,7 @@ class SetupScreen(Screen):
 
     @work(thread=True, exclusive=True, group="check")
     def check_data(self, config: Config) -> None:
-        from core.data import load_preferences
-        from core.prepare import resolve_data_source
+        from app.api import load_preferences, resolve_data_source
 
         data = config.data
         try:
@@ -254,7 +248,7 @@ class SetupScreen(Screen):
         def save(path: str | None) -> None:
             if not path:
                 return
-            from core.atomic import DiskError, write_text
+            from app.api import DiskError, write_text
 
             try:
                 write_text(Path(path).expanduser(), config.to_yaml())
@@ -272,7 +266,7 @@ class SetupScreen(Screen):
         def load(path: str | None) -> None:
             if not path:
                 return
-            from core.config import load_config
+            from app.api import load_config
 
             try:
                 config = load_config(path)

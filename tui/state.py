@@ -6,7 +6,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-Event = dict[str, Any]
+from app.api import (
+    CheckpointSaved,
+    Evaluation,
+    Event,
+    Failed,
+    Finished,
+    Paused,
+    Progress,
+    Resumed,
+    RunStarted,
+    Stopped,
+    TrainStep,
+)
 
 TRAIN_SERIES = (
     "loss",
@@ -20,7 +32,19 @@ TRAIN_SERIES = (
     "grad_norm",
     "nll_loss",
 )
-LOG_KINDS = ("start", "reference", "checkpoint", "warning", "error", "stopped", "end", "info", "paused", "resumed")
+LOG_KINDS = (
+    "start",
+    "reference",
+    "checkpoint",
+    "warning",
+    "error",
+    "stopped",
+    "end",
+    "info",
+    "demo",
+    "paused",
+    "resumed",
+)
 MAX_LOG = 500
 
 
@@ -49,60 +73,57 @@ class DashboardState:
     eval: dict[str, Series] = field(default_factory=lambda: {k: Series() for k in TRAIN_SERIES})
     margins: list[float] = field(default_factory=list)  # the latest batch's per-pair margins
     eval_margins: list[float] = field(default_factory=list)
-    run: dict[str, Any] = field(default_factory=dict)  # the start event: model, backend, objective, totals
-    latest: Event = field(default_factory=dict)  # the latest train event
+    run: RunStarted | None = None  # model, backend, objective, totals
+    latest: TrainStep | None = None
     log: list[tuple[str, str]] = field(default_factory=list)  # (kind, message)
     adapter: str | None = None
     last_checkpoint: str | None = None
-    progress: Event | None = None  # the latest progress event of a phase still under way (loading, reference, ...)
+    progress: Progress | None = None  # the latest progress event of a phase still under way (loading, reference, ...)
     events: int = 0
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
 
     def apply(self, event: Event) -> None:
-        kind = event.get("type")
         self.events += 1
-        if kind == "progress":
-            done, total = event.get("done"), event.get("total")
-            unfinished = isinstance(done, (int, float)) and isinstance(total, (int, float)) and done < total
-            self.progress = event if unfinished else None
-        elif kind in ("start", "train", "end", "stopped", "error"):
+        if isinstance(event, Progress):
+            self.progress = None if event.finished else event
+        elif isinstance(event, (RunStarted, TrainStep, Finished, Stopped, Failed)):
             self.progress = None  # the phase is over: training has started, or the run has ended
-        if kind == "start":
-            self.run = event
-            self.phase = "training"
-            if event.get("resumed"):  # a resumed run re-sends what followed its checkpoint
-                self._drop_after(event.get("start_step", 0))
-        elif kind == "train":
-            step = int(event["step"])
-            self._drop_after(step - 1)
-            for key in TRAIN_SERIES:
-                self.train[key].add(step, event.get(key))
-            self.margins = list(event.get("margins") or [])
-            self.latest = event
-            if self.phase in ("waiting", "stopped", "not running"):
+        match event:
+            case RunStarted():
+                self.run = event
                 self.phase = "training"
-        elif kind == "eval":
-            step = int(event["step"])
-            for key in TRAIN_SERIES:
-                self.eval[key].add(step, event.get(f"eval_{key}"))
-            self.eval_margins = list(event.get("eval_margins") or [])
-        elif kind == "checkpoint":
-            self.last_checkpoint = event.get("path")
-        elif kind == "paused":
-            self.phase = "paused"
-        elif kind == "resumed":
-            self.phase = "training"
-        elif kind == "stopped":
-            self.phase = "stopped"
-        elif kind == "end":
-            self.phase = "finished"
-            self.adapter = event.get("adapter")
-        elif kind == "error":
-            self.phase = "failed"
-        if kind in LOG_KINDS and event.get("message"):
-            self.log.append((kind, str(event["message"])))
+                if event.resumed:  # a resumed run re-sends what followed its checkpoint
+                    self._drop_after(event.start_step)
+            case TrainStep():
+                self._drop_after(event.step - 1)
+                row = event.to_json()  # the metrics and the learning rate and gradient norm, by name
+                for key in TRAIN_SERIES:
+                    self.train[key].add(event.step, row.get(key))
+                self.margins = list(event.margins)
+                self.latest = event
+                if self.phase in ("waiting", "stopped", "not running"):
+                    self.phase = "training"
+            case Evaluation():
+                for key in TRAIN_SERIES:
+                    self.eval[key].add(event.step, event.metrics.get(key))
+                self.eval_margins = list(event.margins)
+            case CheckpointSaved():
+                self.last_checkpoint = event.path
+            case Paused():
+                self.phase = "paused"
+            case Resumed():
+                self.phase = "training"
+            case Stopped():
+                self.phase = "stopped"
+            case Finished():
+                self.phase = "finished"
+                self.adapter = event.adapter
+            case Failed():
+                self.phase = "failed"
+        if event.type in LOG_KINDS and event.message:
+            self.log.append((event.type, event.message))
             del self.log[:-MAX_LOG]
 
     def _drop_after(self, step: int) -> None:
@@ -115,8 +136,12 @@ class DashboardState:
 
     @property
     def step(self) -> int:
-        return int(self.latest.get("step", self.run.get("start_step", 0)))
+        if self.latest is not None:
+            return self.latest.step
+        return self.run.start_step if self.run is not None else 0
 
     @property
     def total_steps(self) -> int | None:
-        return self.latest.get("total_steps") or self.run.get("total_steps")
+        if self.latest is not None:
+            return self.latest.total_steps
+        return self.run.total_steps if self.run is not None else None

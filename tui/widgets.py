@@ -10,7 +10,7 @@ from textual.geometry import Size
 from textual.widget import Widget
 from textual_plotext import PlotextPlot
 
-from core.metrics import format_duration
+from app.api import Progress, TrainStep, format_duration
 from tui.state import DashboardState
 
 GIB = 1024**3
@@ -177,11 +177,7 @@ class RunStatus(Widget):
 def status_lines(state: DashboardState, source: str, width: int) -> list[Text]:
     run, latest = state.run, state.latest
     bar = 20 if width >= 100 else 10
-    what = [
-        run.get("objective"),
-        run.get("backend") and f"{run['backend']} {run.get('device', '')}".strip(),
-        run.get("dtype"),
-    ]
+    what = [run.objective, f"{run.backend} {run.device}".strip(), run.dtype] if run else []
     head = [
         Text(f" {state.phase.upper()} ", style=_PHASE_STYLES.get(state.phase, "reverse")),
         Text(" · ".join(str(w) for w in what if w)),
@@ -191,36 +187,43 @@ def status_lines(state: DashboardState, source: str, width: int) -> list[Text]:
     total = state.total_steps
     if total:
         figures.append(_bar(f"step {state.step}/{total}", state.step / total, bar))
-    for key, label, spec in (
-        ("loss", "loss", ".4f"),
-        ("rewards/margins", "margin", ".3f"),
-        ("rewards/accuracies", "acc", ".2f"),
-    ):
-        if isinstance(latest.get(key), (int, float)):
-            figures.append(Text(f"{label} {latest[key]:{spec}}"))
-    if latest.get("tokens_per_second"):
-        figures.append(Text(f"{latest['tokens_per_second']:.0f} tok/s"))
-    if latest.get("eta") is not None and state.phase == "training":
-        figures.append(Text(f"ETA {format_duration(latest['eta'])}"))
-    memory = latest.get("memory") or {}
-    peak = memory.get("peak_device") or memory.get("peak_rss")
-    if peak:
-        figures.append(Text(f"mem {peak / GIB:.2f} GiB"))
-    if isinstance(latest.get("learning_rate"), (int, float)):
-        figures.append(Text(f"lr {latest['learning_rate']:.2e}"))
+    if latest is not None:
+        figures += step_figures(latest, state.phase == "training")
     lines = _pack(head, width, "  ") + _pack(figures, width, " · ")
     if state.progress:
         lines += _pack(progress_parts(state.progress, bar), width, " · ")
     return lines
 
 
-def progress_parts(event: dict, bar: int) -> list[Text]:
+def step_figures(latest: TrainStep, training: bool) -> list[Text]:
+    """The latest step's loss, margin, accuracy, speed, ETA, memory and learning rate, those it has."""
+    figures: list[Text] = []
+    for key, label, spec in (
+        ("loss", "loss", ".4f"),
+        ("rewards/margins", "margin", ".3f"),
+        ("rewards/accuracies", "acc", ".2f"),
+    ):
+        value = latest.metrics.get(key)
+        if isinstance(value, (int, float)):
+            figures.append(Text(f"{label} {value:{spec}}"))
+    if latest.tokens_per_second:
+        figures.append(Text(f"{latest.tokens_per_second:.0f} tok/s"))
+    if latest.eta is not None and training:
+        figures.append(Text(f"ETA {format_duration(latest.eta)}"))
+    peak = latest.memory.get("peak_device") or latest.memory.get("peak_rss")
+    if peak:
+        figures.append(Text(f"mem {peak / GIB:.2f} GiB"))
+    if isinstance(latest.learning_rate, (int, float)):
+        figures.append(Text(f"lr {latest.learning_rate:.2e}"))
+    return figures
+
+
+def progress_parts(event: Progress, bar: int) -> list[Text]:
     """A long phase's progress (loading, tokenizing, the reference pass, ...): a bar with a count and an ETA."""
-    done, total = event["done"], event["total"]
-    label = f"{event.get('phase', 'working')} {done}/{total} {event.get('unit', '')}".rstrip()
-    parts = [_bar(label, done / total, bar)]
-    if event.get("eta") is not None:
-        parts.append(Text(f"ETA {format_duration(event['eta'])}"))
+    label = f"{event.phase or 'working'} {event.done}/{event.total} {event.unit}".rstrip()
+    parts = [_bar(label, event.done / event.total if event.total else 1.0, bar)]
+    if event.eta is not None:
+        parts.append(Text(f"ETA {format_duration(event.eta)}"))
     return parts
 
 

@@ -9,7 +9,6 @@ count): resuming from a checkpoint replays exactly the same masks.
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -37,7 +36,7 @@ from backends.mlx_backend.shared_prompts import (
     shared_inputs,
     shared_sequence_logps,
 )
-from core.adapters import MLX_WEIGHTS, Adapter, AdapterError, mlx_tensors, read_adapter, write_mlx
+from core.adapters import Adapter, AdapterError, mlx_tensors, read_adapter, write_mlx
 from core.backend import (
     Backend,
     BackendError,
@@ -470,10 +469,3 @@ class MlxBackend(Backend):
             figures["peak_device"] = float(mx.get_peak_memory())
             figures["device"] = float(mx.get_active_memory())
         return figures
-
-
-def adapter_config(directory: Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / "adapter_config.json").read_text())
-
-
-__all__ = ["MLX_WEIGHTS", "MlxBackend", "adapter_config"]

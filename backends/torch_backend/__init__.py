@@ -26,4 +26,10 @@ def create(config: Config, collective: Collective, device: str | None) -> Backen
 
 
 # torch runs everywhere: what `auto` takes when nothing suits the machine better
-plugin = BackendPlugin("torch", create, lambda: 1, "PyTorch: CUDA, then MPS, then CPU", distributed=True)
+def join_job(device_choice: str, timeout_seconds: float) -> tuple[Collective, str]:
+    from backends.torch_backend.distributed import join_job
+
+    return join_job(device_choice, timeout_seconds)
+
+
+plugin = BackendPlugin("torch", create, lambda: 1, "PyTorch: CUDA, then MPS, then CPU", join_job=join_job)

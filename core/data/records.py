@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ROLES = ("system", "user", "assistant", "tool")
-
 
 @dataclass(frozen=True)
 class Location:

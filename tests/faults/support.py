@@ -67,7 +67,7 @@ def adapter(folder: Path) -> dict[str, np.ndarray]:
 
 def step_metrics(folder: Path) -> list[dict]:
     events = read_metrics(run_dir(folder) / "metrics.jsonl")
-    return [{k: v for k, v in e.items() if k not in TIMING} for e in events if e["type"] in ("train", "eval")]
+    return [{k: v for k, v in e.to_json().items() if k not in TIMING} for e in events if e.type in ("train", "eval")]
 
 
 def assert_same_run(folder: Path, baseline: Path, tolerance: float = 1e-6) -> None:

@@ -1,0 +1,101 @@
+"""Duet's public API: what the TUI, the bench and other front ends use, so they never reach into the library
+or a backend. Every name here is a stable entry point; the modules behind it may move.
+
+- prepare and inspect: `load_config`, `config_from_dict`, `apply_override`, `resolve_config`,
+  `absolute_paths`, `resolve_data_source`, `load_preferences`, `inspect_data`
+- train: `run` (a whole run: data, reference, training, export), `RunControl` (pause, stop, save now)
+- export: `export` (a folder: peft, mlx, merged; or a .gguf file), `EXPORT_FORMATS`
+- backends and objectives: `backend_names`, `resolve_backend_name`, `create_backend`, `OBJECTIVES`,
+  `build_objective`
+- events: the typed events of `core.events`, `read_events` / `parse_events` (metrics.jsonl)
+"""
+
+from __future__ import annotations
+
+from app.backends import backend_names, create_backend, resolve_backend_name
+from app.doctor import mlx_report, torch_report
+from app.exports import FORMATS as EXPORT_FORMATS
+from app.exports import export
+from app.run import RunResult, run
+from app.settings import absolute_paths, resolve_config
+from core.atomic import DiskError, write_text
+from core.config import Config, apply_override, config_from_dict, load_config
+from core.data import load_preferences
+from core.errors import DuetError
+from core.events import (
+    CheckpointSaved,
+    DemoReport,
+    Evaluation,
+    Event,
+    Failed,
+    Finished,
+    Info,
+    Paused,
+    Progress,
+    ReferenceReady,
+    Resumed,
+    RunStarted,
+    RunWarning,
+    Stopped,
+    TrainStep,
+)
+from core.inspection import inspect_data, render_pair, summary
+from core.metrics import format_duration
+from core.metrics import parse_lines as parse_events
+from core.metrics import read_metrics as read_events
+from core.models_io import load_tokenizer
+from core.objectives import OBJECTIVES, build_objective
+from core.prepare import resolve_data_source
+from core.rundir import LOCK_FILE, METRICS_FILE, RunDirectory
+from core.trainer import RunControl
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "LOCK_FILE",
+    "METRICS_FILE",
+    "OBJECTIVES",
+    "CheckpointSaved",
+    "Config",
+    "DemoReport",
+    "DiskError",
+    "DuetError",
+    "Evaluation",
+    "Event",
+    "Failed",
+    "Finished",
+    "Info",
+    "Paused",
+    "Progress",
+    "ReferenceReady",
+    "Resumed",
+    "RunControl",
+    "RunDirectory",
+    "RunResult",
+    "RunStarted",
+    "RunWarning",
+    "Stopped",
+    "TrainStep",
+    "absolute_paths",
+    "apply_override",
+    "backend_names",
+    "build_objective",
+    "config_from_dict",
+    "create_backend",
+    "export",
+    "format_duration",
+    "inspect_data",
+    "load_config",
+    "load_preferences",
+    "load_tokenizer",
+    "mlx_report",
+    "parse_events",
+    "read_events",
+    "render_pair",
+    "resolve_backend_name",
+    "resolve_config",
+    "resolve_data_source",
+    "run",
+    "summary",
+    "torch_report",
+    "write_text",
+]

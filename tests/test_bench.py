@@ -1,0 +1,48 @@
+"""The bench measures what a user's run does: its variants are config settings, its backends come from the
+factory, its steps are the trainer's; variants that compute the same maths differently agree."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import worker
+from bench.workloads import WORKLOADS
+
+DEMO = WORKLOADS["demo"]
+
+
+def test_every_duet_variant_is_a_valid_config_with_its_settings() -> None:
+    for name, variant in worker.VARIANTS.items():
+        if variant.tool != "duet":
+            continue
+        config = worker.duet_config(DEMO, variant, steps=3, device="cpu", dtype="auto")
+        assert config.model.backend == variant.settings["model.backend"], name
+        assert config.train.shuffle is False and config.train.max_steps == 3
+        assert config.objective.name == "dpo" and config.objective.beta == DEMO.beta
+    unshared = worker.duet_config(DEMO, worker.VARIANTS["duet-torch-unshared"], 3, "cpu", "auto")
+    assert unshared.model.share_prompts is False
+    checkpointed = worker.duet_config(DEMO, worker.VARIANTS["duet-mlx-gc"], 3, "cpu", "auto")
+    assert checkpointed.model.gradient_checkpointing is True and checkpointed.model.dtype == "float32"
+
+
+def test_trl_variants_pass_their_settings_to_dpo_config() -> None:
+    assert worker.VARIANTS["trl"].settings == {}
+    assert worker.VARIANTS["trl-precompute"].settings == {"precompute_ref_log_probs": True}
+    assert worker.VARIANTS["trl-liger"].settings == {"use_liger_kernel": True}
+
+
+def test_the_torch_variants_train_the_same_losses() -> None:
+    """Prompt sharing, gradient checkpointing and the full-logits path change how, not what: the same losses
+    step by step (float32: 1e-5 relative), and the first step is exactly ln 2 (B starts at zero)."""
+    runs = {
+        name: worker.measure_duet(DEMO, worker.VARIANTS[name], steps=3, device="cpu", dtype="float32")
+        for name in ("duet-torch", "duet-torch-unshared", "duet-torch-gc", "duet-torch-naive")
+    }
+    base = runs["duet-torch"]["losses"]
+    assert base[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert base[1] != pytest.approx(math.log(2), abs=1e-7)  # the first update moved the policy
+    for name, figures in runs.items():
+        assert figures["variant"] == name and figures["steps"] == 3
+        assert figures["losses"] == pytest.approx(base, rel=1e-5), name
