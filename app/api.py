@@ -1,10 +1,12 @@
 """Duet's public API: what the TUI, the bench and other front ends use, so they never reach into the library
 or a backend. Every name here is a stable entry point; the modules behind it may move.
 
+- models: `resolve_model` (a folder, hub id, registry name or .gguf file → a model folder)
 - prepare and inspect: `load_config`, `config_from_dict`, `apply_override`, `resolve_config`,
   `absolute_paths`, `resolve_data_source`, `load_preferences`, `inspect_data`
 - train: `run` (a whole run: data, reference, training, export), `RunControl` (pause, stop, save now)
 - export: `export` (a folder: peft, mlx, merged; or a .gguf file), `EXPORT_FORMATS`
+- models: `RECOMMENDED` (the registry: usable by name offline), `availability`
 - backends and objectives: `backend_names`, `resolve_backend_name`, `create_backend`, `OBJECTIVES`,
   `build_objective`
 - events: the typed events of `core.events`, `read_events` / `parse_events` (metrics.jsonl)
@@ -36,6 +38,7 @@ from core.events import (
     Resumed,
     RunStarted,
     RunWarning,
+    SampleReplies,
     Stopped,
     TrainStep,
 )
@@ -44,16 +47,19 @@ from core.metrics import format_duration
 from core.metrics import parse_lines as parse_events
 from core.metrics import read_metrics as read_events
 from core.models_io import load_tokenizer
+from core.models_io import resolve_model_path as resolve_model
 from core.objectives import OBJECTIVES, build_objective
 from core.prepare import resolve_data_source
 from core.rundir import LOCK_FILE, METRICS_FILE, RunDirectory
 from core.trainer import RunControl
+from models.registry import RECOMMENDED, availability
 
 __all__ = [
     "EXPORT_FORMATS",
     "LOCK_FILE",
     "METRICS_FILE",
     "OBJECTIVES",
+    "RECOMMENDED",
     "CheckpointSaved",
     "Config",
     "DemoReport",
@@ -73,10 +79,12 @@ __all__ = [
     "RunResult",
     "RunStarted",
     "RunWarning",
+    "SampleReplies",
     "Stopped",
     "TrainStep",
     "absolute_paths",
     "apply_override",
+    "availability",
     "backend_names",
     "build_objective",
     "config_from_dict",
@@ -94,6 +102,7 @@ __all__ = [
     "resolve_backend_name",
     "resolve_config",
     "resolve_data_source",
+    "resolve_model",
     "run",
     "summary",
     "torch_report",

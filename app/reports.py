@@ -8,7 +8,7 @@ from typing import Any
 from app.events import Events
 from core.batching import padding_fraction, plan_batches
 from core.config import Config
-from core.events import DemoReport
+from core.events import DemoReport, SampleReplies
 from core.prepare import PreparedData
 
 
@@ -16,13 +16,14 @@ def data_warnings(data: PreparedData) -> list[str]:
     """What the user should know about the data before hours of training on it."""
     warnings = []
     for split in (data.train, data.eval):
-        if split is None:
-            continue
+        if split is None or (split is data.eval and split.load_report is data.train.load_report):
+            continue  # held out of the training file: its reports are the training file's, said once
         load, tokens = split.load_report, split.tokenize_report
         if load.duplicates and not load.duplicates_dropped:
+            use = "training" if split is data.train else "evaluation"
             warnings.append(
                 f"{load.source}: {load.duplicates} duplicated pairs (e.g. {load.duplicate_examples[0]}) "
-                "count twice in training; set data.drop_duplicates=true to keep one of each."
+                f"count twice in {use}; set data.drop_duplicates=true to keep one of each."
             )
         if load.skipped:
             warnings.append(
@@ -35,7 +36,47 @@ def data_warnings(data: PreparedData) -> list[str]:
                 "for a reply within data.max_length."
             )
         warnings += [f"{load.source}: {w}" for w in tokens.warnings]
-    return list(dict.fromkeys(warnings))  # eval split from train shares its reports: say each thing once
+    return warnings
+
+
+def sample_replies_event(backend, data: PreparedData, count: int, max_new_tokens: int, emit: Events) -> None:
+    """Greedy replies to the first ``count`` distinct held-out prompts (as trained: the same truncation),
+    from the model before training (adapter off) and after (on)."""
+    if not data.eval or count <= 0:
+        return
+    chat, seen, picked = data.chat, set(), []
+    for pair in data.eval.tokenized:
+        key = tuple(pair.prompt_ids.tolist())
+        if key not in seen:
+            seen.add(key)
+            picked.append(pair)
+        if len(picked) == count:
+            break
+    prompts = [[int(t) for t in pair.prompt_ids] for pair in picked]
+    replies = {}
+    for label, adapter in (("before", False), ("after", True)):
+        generated = backend.generate(
+            prompts, max_new_tokens=max_new_tokens, adapter=adapter, stop_ids=chat.stop_ids, pad_id=chat.pad_id
+        )
+        replies[label] = [chat.decode(ids) for ids in generated]
+    rows = []
+    for number, pair in enumerate(picked):
+        turns = data.eval.pairs[pair.index].conversation()
+        asked = next((m["content"] for m in reversed(turns) if m["role"] == "user"), "")
+        rows.append({"prompt": asked, "before": replies["before"][number], "after": replies["after"][number]})
+    lines = [f"greedy replies to {len(rows)} held-out prompts, before → after training:"]
+    for row in rows:
+        lines += [
+            f"  prompt: {_short(row['prompt'])}",
+            f"    before: {_short(row['before'])}",
+            f"    after:  {_short(row['after'])}",
+        ]
+    emit(SampleReplies(rows=rows, message="\n".join(lines)))
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def model_notes(location: str) -> list[str]:

@@ -27,7 +27,7 @@ from rich.text import Text
 from app.backends import join_job
 from app.events import Events
 from app.references import reference_logps
-from app.reports import data_warnings, demo_report_event, model_notes, padding_report
+from app.reports import data_warnings, demo_report_event, model_notes, padding_report, sample_replies_event
 from app.settings import RESUME_OVERRIDABLE, absolute_paths, resolve_config
 from app.signals import stop_on_signals
 from core import faults
@@ -363,6 +363,8 @@ def _finished(job: Job, state: TrainerState) -> RunResult:
         write_text(folder / "README.md", card)
     job.collective.barrier()
     demo = demo_report_event(job.backend, job.data, emit) if job.cfg.data.train == "demo" and job.data.eval else None
+    train = job.cfg.train
+    sample_replies_event(job.backend, job.data, train.sample_replies, train.sample_max_new_tokens, emit)
     emit(
         Finished(
             step=state.step,

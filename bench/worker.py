@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from app.api import Config, build_objective, config_from_dict, create_backend
+from app.api import Config, build_objective, config_from_dict, create_backend, resolve_model
 from bench import memory
 from bench.workloads import WORKLOADS, Workload
 
@@ -58,6 +58,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def model_folder(workload: Workload) -> Path:
     """The workload's model: the demo model, or a random-init model of the workload's shape saved once."""
+    if isinstance(workload.model, str):  # a registry name: its folder (a GGUF file is converted once)
+        return Path(resolve_model(workload.model))
     if workload.model is not None:
         return workload.model
     import shutil

@@ -29,7 +29,7 @@ class Workload:
     lora_alpha: float = 32.0
     beta: float = 0.1
     lr: float = 5e-5
-    model: Path | None = None  # a model folder to use as it is, instead of a random-init shape
+    model: Path | str | None = None  # a model folder or registry name to use as it is, not a random-init shape
 
 
 WORKLOADS = {
@@ -88,6 +88,20 @@ WORKLOADS = {
         1024,
         None,
         {},
+    ),
+    "smollm2-135m": Workload(
+        "smollm2-135m",
+        "the real SmolLM2-135M-Instruct (the registry's smollm2-135m-instruct: its 4-bit GGUF dequantized to "
+        "fp32), LLaMA-Factory pairs; LoRA r16 on all projections; 2 pairs, max length 512",
+        QWEN,  # unused: the model folder has its own tokenizer
+        LLAMAFACTORY,
+        8,
+        2,
+        512,
+        None,
+        {},
+        lr=5e-5,
+        model="smollm2-135m-instruct",
     ),
     "qwen0.5b-gpu": Workload(
         "qwen0.5b-gpu",

@@ -245,6 +245,10 @@ class TrainConfig:
         True, "a new random order each epoch; false: the data's own order in consecutive batches (no grouping)"
     )
     eval_every: int | None = option(None, "evaluate every N steps; null: only at the end")
+    sample_replies: int = option(
+        0, "after training: greedy replies of the model before and after to this many held-out prompts, side by side"
+    )
+    sample_max_new_tokens: int = option(96, "the longest sampled reply (train.sample_replies), in tokens")
     save_every: int | None = option(None, "write a checkpoint every N steps; null: only at the end")
     log_every: int = option(1, "log training metrics every N steps")
     keep_checkpoints: int = option(2, "newest checkpoints kept in the run directory")
@@ -273,6 +277,9 @@ class TrainConfig:
         if self.max_grad_norm is not None:
             _positive("train.max_grad_norm", self.max_grad_norm)
         _positive("train.distributed_timeout", self.distributed_timeout)
+        _positive("train.sample_max_new_tokens", self.sample_max_new_tokens)
+        if self.sample_replies < 0:
+            raise ConfigError(f"train.sample_replies must be ≥ 0, got {self.sample_replies}.")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints must be ≥ 1, got {self.keep_checkpoints}.")
         for key in ("eval_every", "save_every", "log_every"):

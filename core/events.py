@@ -170,6 +170,14 @@ class DemoReport(Event):
 
 
 @dataclass(kw_only=True)
+class SampleReplies(Event):
+    """Held-out prompts answered greedily by the model before training (adapter off) and after (on)."""
+
+    type: ClassVar[str] = "samples"
+    rows: list[dict[str, str]] = field(default_factory=list)  # {"prompt", "before", "after"}
+
+
+@dataclass(kw_only=True)
 class Paused(Event):
     type: ClassVar[str] = "paused"
     step: int
@@ -215,6 +223,7 @@ KINDS: dict[str, type[Event]] = {
         RunWarning,
         Info,
         DemoReport,
+        SampleReplies,
         Paused,
         Resumed,
         Stopped,

@@ -29,6 +29,7 @@ from core.events import (
     ReferenceReady,
     RunStarted,
     RunWarning,
+    SampleReplies,
     Stopped,
     TrainStep,
     event_from_json,
@@ -157,7 +158,7 @@ class ConsoleReporter:
                 self._print(Text(event.message, style="bold green"))
             case Progress():
                 self._phase(event)
-            case ReferenceReady() | CheckpointSaved() | Stopped() | Info() | DemoReport():
+            case ReferenceReady() | CheckpointSaved() | Stopped() | Info() | DemoReport() | SampleReplies():
                 self._print(Text(event.message))
 
     def _print(self, text: Text | str) -> None:

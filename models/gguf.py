@@ -10,12 +10,13 @@ an export merges into those float32 weights.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from core.atomic import atomic_directory, write_json
-from core.events import Event
+from core.events import Event, Info
 from core.fingerprint import cache_root, file_digest
 from core.model_config import with_both_rope_forms
 from core.models_io import ModelError
@@ -70,22 +71,39 @@ def converted_folder(path: Path, emit: Callable[[Event], None] | None = None) ->
         return folder
     metadata = gguf_metadata(path)
     check_supported(path, metadata["architecture"])
+    if emit is not None:
+        emit(Info(message=f"converting {path.name} into a safetensors folder, once: {folder}"))
     with atomic_directory(folder, replace=True) as temporary:
-        _convert(path, temporary, metadata, emit)
+        _convert(path, temporary, emit)
         write_json(temporary / SOURCE_FILE, {"gguf": str(path), "sha256": digest, **metadata})
     return folder
 
 
-def _convert(path: Path, out: Path, metadata: dict, emit: Callable[[Event], None] | None) -> None:
+def _convert(path: Path, out: Path, emit: Callable[[Event], None] | None) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    # four steps, reported as each begins: reading the tokenizer from the file's metadata takes as long as
+    # dequantizing the weights (transformers' own per-tensor bar would sit at 0 meanwhile)
+    progress = PhaseProgress(emit or (lambda event: None), "convert", f"converting {path.name}", 4, unit="steps")
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        _convert_steps(path, out, progress)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _convert_steps(path: Path, out: Path, progress: PhaseProgress) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    progress = PhaseProgress(
-        emit or (lambda event: None), "convert", f"converting {path.name}", metadata["tensors"], unit="tensors"
-    )
+    progress(0)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    with _tensor_progress(progress):
+    progress(1)
+    with contextlib.redirect_stderr(io.StringIO()):  # its per-tensor tqdm bar: this phase has its own
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    progress(2)
     # a model loaded from GGUF refuses save_pretrained (it counts as quantized); the same weights in a model
     # built from its config save normally
     config = loaded.config
@@ -96,35 +114,13 @@ def _convert(path: Path, out: Path, metadata: dict, emit: Callable[[Event], None
     plain.load_state_dict(loaded.state_dict(), assign=True)
     plain.tie_weights()
     plain.save_pretrained(out, safe_serialization=True)
+    progress(3)
     loaded.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     settings = json.loads((out / "config.json").read_text())
     settings.pop("quantization_config", None)
     write_json(out / "config.json", with_both_rope_forms(settings))
-
-
-@contextlib.contextmanager
-def _tensor_progress(progress: PhaseProgress) -> Iterator[None]:
-    """transformers walks the file's tensors through tqdm: count them into ``progress`` instead (without a
-    fine-grained count if a later transformers walks them otherwise)."""
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    original = getattr(gguf_utils, "tqdm", None)
-
-    def counting(iterable, *args, **kwargs):
-        items = list(iterable)
-        for number, item in enumerate(items):
-            progress(number, len(items))
-            yield item
-        progress(len(items), len(items))
-
-    if original is not None:
-        gguf_utils.tqdm = counting
-    try:
-        yield
-    finally:
-        if original is not None:
-            gguf_utils.tqdm = original
+    progress(4)
 
 
 def quantization_note(folder: str | Path) -> str | None:

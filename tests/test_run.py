@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 from safetensors.numpy import load_file
 
-from core.events import Event
+from core.events import Event, SampleReplies
 from core.metrics import read_metrics
 from core.objectives import OBJECTIVES
 from core.run import main, run
@@ -245,3 +245,16 @@ def test_a_run_reports_its_padding_with_and_without_length_grouping(tmp_path: Pa
     assert len(lines) == 1
     grouped, plain = (float(x) for x in re.findall(r"([\d.]+)%", lines[0]))
     assert 0 <= grouped < plain  # the demo's lengths vary: grouping pads less
+
+
+def test_held_out_prompts_are_answered_before_and_after_training(tmp_path: Path) -> None:
+    config = quick_config(tmp_path, train={"max_steps": 4, "sample_replies": 3, "sample_max_new_tokens": 12})
+    result = run(config, console=quiet())
+    samples = [e for e in result.events if isinstance(e, SampleReplies)]
+    assert len(samples) == 1 and len(samples[0].rows) == 3
+    for row in samples[0].rows:
+        assert set(row) == {"prompt", "before", "after"} and row["prompt"] and row["before"] and row["after"]
+        assert row["prompt"] in samples[0].message
+    assert len({row["prompt"] for row in samples[0].rows}) == 3  # distinct prompts
+    logged = [e for e in read_metrics(result.run_dir / "metrics.jsonl") if e.type == "samples"]
+    assert logged == samples

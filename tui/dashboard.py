@@ -152,7 +152,9 @@ class DashboardScreen(Screen):
             self.refresh_bindings()  # what the footer offers depends on where the run is
         self._last_event = time.monotonic()
         kind = event.type
-        if event.message and (kind in LOG_STYLES or kind in ("start", "reference", "info", "demo", "resumed")):
+        if event.message and (
+            kind in LOG_STYLES or kind in ("start", "reference", "info", "demo", "samples", "resumed")
+        ):
             self._log(kind, event.message)
         self._dirty = True
 

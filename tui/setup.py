@@ -17,6 +17,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
+from textual.suggester import SuggestFromList
 from textual.widgets import Button, Footer, Input, Select, Static
 
 from app.api import OBJECTIVES, Config, DuetError, backend_names, config_from_dict
@@ -48,7 +49,7 @@ class Field:
 
 
 FIELDS = (
-    Field("model.path", "Model", "folder, hub id, or demo"),
+    Field("model.path", "Model", "folder, .gguf, hub id, or name"),
     Field("data.train", "Data", "file, folder, hub id, or demo"),
     Field("data.skip_invalid", "Skip bad rows", "true: skip and count bad rows", choices=("false", "true")),
     Field("data.eval_fraction", "Eval fraction", "share held out for evaluation"),
@@ -80,6 +81,20 @@ def field_id(key: str) -> str:
 def get(config: dict[str, Any], key: str) -> Any:
     section, name = key.split(".")
     return config[section][name]
+
+
+def model_names() -> SuggestFromList:
+    """Typing the start of a recommended model's name offers the rest (→ takes it)."""
+    from app.api import RECOMMENDED
+
+    return SuggestFromList(list(RECOMMENDED), case_sensitive=False)
+
+
+def models_note() -> str:
+    from app.api import RECOMMENDED, availability
+
+    names = [name if availability(m) == "ready" else f"{name} (not installed)" for name, m in RECOMMENDED.items()]
+    return "recommended: " + ", ".join(names)
 
 
 def backend_note() -> str:
@@ -122,10 +137,18 @@ class SetupScreen(Screen):
                         yield Select(options, value=value, allow_blank=False, id=field_id(field.key), compact=True)
                     else:
                         text = "" if value is None else str(value)
-                        yield Input(text, placeholder=self._placeholder(field), id=field_id(field.key), compact=True)
+                        yield Input(
+                            text,
+                            placeholder=self._placeholder(field),
+                            id=field_id(field.key),
+                            compact=True,
+                            suggester=model_names() if field.key == "model.path" else None,
+                        )
                     yield Static(field.help, classes="field-help")
                 if field.key == "objective.name":
                     yield Static(objective_help(value), id="objective-help")
+                if field.key == "model.path":
+                    yield Static(models_note(), id="models-note")
                 if field.key == "model.backend":
                     yield Static(backend_note(), id="backend-note")
                 if field.key == "data.train":

@@ -42,6 +42,7 @@ LOG_KINDS = (
     "end",
     "info",
     "demo",
+    "samples",
     "paused",
     "resumed",
 )
