@@ -29,7 +29,7 @@ def resolve_model_path(path: str, emit: Callable | None = None) -> str:
             raise ModelError(f"model {path}: this folder holds several GGUF files ({names}); name one in model.path.")
         return str(_converted(models[0], path, emit)) if models else str(local.resolve())
     if path.startswith((".", "/", "~")) or path.count("/") > 1 or path.lower().endswith(".gguf"):
-        raise ModelError(f"model {path}: no such file or folder.")
+        raise ModelError(f"model {path}: no such {'file' if path.lower().endswith('.gguf') else 'folder'}.")
     check_hub(path)
     return path  # a hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct
 
