@@ -123,7 +123,8 @@ async def test_a_crash_in_training_is_shown_and_the_app_lives_on(tmp_path: Path,
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("f5")
         board = dashboard(app)
-        await wait_for(pilot, lambda: board.state.phase == "failed")
+        # the run's own error event can set the phase before the worker's failure message arrives
+        await wait_for(pilot, lambda: board.state.phase == "failed" and board._ended)
         log = "\n".join(board.logged)
         assert "training failed: RuntimeError: simulated device failure" in log
         assert "the last checkpoint is intact" in log and board.state.last_checkpoint.endswith("step-00000004")
