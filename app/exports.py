@@ -44,6 +44,8 @@ def export_run(
         result = export_adapter(source, "merged", merged, base_model=str(model))
         partial = Path(scratch) / out.name
         write_gguf(merged, original, partial, emit)
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())  # on disk before it takes the final name
         os.replace(partial, out)  # the file appears whole or not at all
     return ExportResult(out, result.source)
 

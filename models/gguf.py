@@ -64,8 +64,7 @@ def check_supported(path: Path, architecture: object) -> None:
 
 def converted_folder(path: Path, emit: Callable[[Event], None] | None = None) -> Path:
     """The safetensors folder converted from the GGUF file ``path``, built on first use."""
-    digest = _DIGESTS.get(str(path)) or file_digest(path)
-    _DIGESTS[str(path)] = digest
+    digest = file_digest(path, _DIGESTS)  # hashed once per process (keyed by path, size and mtime)
     folder = cache_root() / "models" / f"{path.stem}-{digest[:16]}-v{FORMAT_VERSION}"
     if (folder / SOURCE_FILE).is_file():
         return folder
