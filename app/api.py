@@ -15,6 +15,7 @@ or a backend. Every name here is a stable entry point; the modules behind it may
 from __future__ import annotations
 
 from app.backends import backend_names, create_backend, resolve_backend_name
+from app.collect import Answers, CollectSession, Tally, open_session, train_config_for
 from app.doctor import mlx_report, torch_report
 from app.exports import FORMATS as EXPORT_FORMATS
 from app.exports import export
@@ -60,7 +61,9 @@ __all__ = [
     "METRICS_FILE",
     "OBJECTIVES",
     "RECOMMENDED",
+    "Answers",
     "CheckpointSaved",
+    "CollectSession",
     "Config",
     "DemoReport",
     "DiskError",
@@ -81,6 +84,7 @@ __all__ = [
     "RunWarning",
     "SampleReplies",
     "Stopped",
+    "Tally",
     "TrainStep",
     "absolute_paths",
     "apply_override",
@@ -96,6 +100,7 @@ __all__ = [
     "load_preferences",
     "load_tokenizer",
     "mlx_report",
+    "open_session",
     "parse_events",
     "read_events",
     "render_pair",
@@ -106,5 +111,6 @@ __all__ = [
     "run",
     "summary",
     "torch_report",
+    "train_config_for",
     "write_text",
 ]

@@ -54,6 +54,87 @@ def _tui(config: str | None = None, watch: str | None = None, resume: str | None
     return run_app(config, watch=watch, resume=resume, wait=wait)
 
 
+def _collect(args: argparse.Namespace) -> int:
+    """``duet collect PROMPTS --out FILE``: the Collect screen, or with ``--judge`` a rule or model judging."""
+    from app.settings import resolve_config
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.path={args.model}")
+    if args.adapter:
+        overrides.append(f"model.adapter={args.adapter}")
+    if args.judge:
+        kind, _, target = args.judge.partition(":")
+        if kind not in ("human", "rule", "model") or (kind != "human" and not target):
+            raise DuetError(f"--judge {args.judge!r}: give human, rule:path/to/rules.py or model:path/to/model.")
+        overrides.append(f"judge.kind={kind}")
+        if target:
+            overrides.append(f"judge.{kind}={target}")
+    config = resolve_config(args.config, overrides)
+    if config.judge.kind == "human":
+        from tui.app import run_app
+
+        return run_app(collect=(config, args.prompts, args.out))
+    return _collect_with_judge(config, args.prompts, args.out, args.samples)
+
+
+def collect_parser() -> argparse.ArgumentParser:
+    collect = argparse.ArgumentParser(
+        prog="duet collect",
+        description="Sample two answers per prompt from your model and judge them (you in the Collect screen, a "
+        "rule or a model) into a judgements file that trains as it is (data.train: FILE).",
+    )
+    collect.add_argument(
+        "prompts", nargs="?", help="prompts: a text file (one per line), JSON lines, or a preference file"
+    )
+    collect.add_argument("--out", required=True, help="the judgements file (JSON lines); reopened, it resumes")
+    collect.add_argument("--model", help="the model to sample from (default: the config's model.path)")
+    collect.add_argument("--adapter", help="sample with this adapter on (a run's adapter folder)")
+    collect.add_argument("--config", help="a run config whose model, sampling and judge sections to use")
+    collect.add_argument("--judge", help="human (the Collect screen, default), rule:FILE.py[:function] or model:PATH")
+    collect.add_argument("--samples", type=int, default=2, help="answers per prompt for a rule or model judge")
+    collect.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sampling.temperature=0.8")
+
+    return collect
+
+
+def _collect_main(argv: list[str]) -> int:
+    args = collect_parser().parse_intermixed_args(argv)  # key=value overrides may follow the options
+    try:
+        return _collect(args)
+    except DuetError as exc:
+        Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        return exc.exit_code
+
+
+def _collect_with_judge(config, prompts: str | None, out: str, samples: int) -> int:
+    from app.collect import build_judge, collect_with_judge, judge_model_loader, load_sampler, open_prompts
+    from core.collect import JudgementsFile
+
+    console = Console(soft_wrap=True)
+    items = open_prompts(prompts)
+    judge = build_judge(config.judge, judge_model_loader(config))
+    sampler = load_sampler(config, adapter=config.model.adapter, use_adapter=True)
+    with JudgementsFile(out) as file:
+        before = len(file.records)
+        if before:
+            console.print(f"{out}: {before} judgements already there; going on with the prompts not judged yet")
+
+        def progress(done: int, total: int) -> None:
+            console.print(f"  {done}/{total} judged", highlight=False)
+
+        counts = collect_with_judge(sampler, items, file, judge, config, samples=samples, progress=progress)
+    stats = judge.stats
+    consistency = "" if stats.consistency is None else f", both orders agreed on {stats.consistency:.0%}"
+    no_verdict = f", {stats.no_verdict} answers without a verdict (ties)" if stats.no_verdict else ""
+    console.print(
+        f"{judge.name}: {counts['a'] + counts['b']} preferences, {counts['tie']} ties{consistency}{no_verdict}; "
+        f"written to {out} (train on it: python -m core.run data.train={out})",
+        highlight=False,
+    )
+    return 0
+
+
 def _doctor(model: str | None = None) -> int:
     from app.doctor import doctor
 
@@ -127,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     tui.add_argument("--resume", metavar="RUN_DIR", help="resume an interrupted run and watch it train")
     tui.set_defaults(func=lambda args: _tui(config=args.config, resume=args.resume))
 
+    collect = commands.add_parser(
+        "collect",
+        help="sample two answers per prompt and judge them (you, a rule or a model) into a file",
+        add_help=False,
+    )
+    collect.add_argument("args", nargs=argparse.REMAINDER)
+    collect.set_defaults(func=lambda args: _collect_main(args.args))
+
     watch = commands.add_parser("watch", help="follow a headless run's metrics (read-only dashboard)")
     watch.add_argument("run_dir", help="the run directory (its metrics.jsonl is followed as it grows)")
     watch.add_argument("--wait", action="store_true", help="wait for a run that has not created RUN_DIR yet")
@@ -175,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASS_THROUGH = {"run": _run_main, "bench": _bench_main}  # commands with parsers of their own
+PASS_THROUGH = {"run": _run_main, "bench": _bench_main, "collect": _collect_main}  # commands with parsers of their own
 
 
 def main(argv: list[str] | None = None) -> int:

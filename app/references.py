@@ -8,7 +8,7 @@ from core.atomic import write_safetensors
 from core.config import Config
 from core.distributed import SINGLE, Collective
 from core.errors import DuetError
-from core.events import Callback, ReferenceReady, RunWarning
+from core.events import Callback, Info, ReferenceReady, RunWarning
 from core.fingerprint import cache_root, folder_fingerprint, model_fingerprint
 from core.prepare import PreparedData
 from core.progress import PhaseProgress
@@ -33,12 +33,14 @@ def reference_logps(
     if resumed and all(stored[n].is_file() for n, pairs in splits.items() if pairs):
         emit(ReferenceReady(message=f"reference log-probs: from the run directory {run_dir.reference_dir}"))
         return tuple(ReferenceLogps.from_file(stored[n]) if splits[n] else None for n in ("train", "eval"))  # type: ignore[return-value]
-    start_adapter = config.model.adapter
+    start_adapter = config.model.adapter if config.model.reference == "start" else None
     if resumed and start_adapter:
         raise DuetError(
             f"{run_dir.path}: the reference log-probs are missing from the run directory and this run "
             "started from an adapter, so they cannot be recomputed after training began."
         )
+    if config.model.adapter and not start_adapter:
+        emit(Info(message=f"starting from the adapter {config.model.adapter}; the reference is the base model alone"))
     if start_adapter:
         emit(
             RunWarning(
@@ -71,7 +73,7 @@ def _split_reference(
     if not pairs:
         return None
     cache = cache_root(config.train.cache_dir)
-    start_adapter = config.model.adapter
+    start_adapter = config.model.adapter if config.model.reference == "start" else None
     model_fp = model_fingerprint(backend.model_location, backend.model_revision, cache)
     adapter_fp = folder_fingerprint(start_adapter, cache) if start_adapter else None
     key = reference_key(model_fp, pairs, backend.info().dtype, adapter_fp)

@@ -111,6 +111,10 @@ def run(
     hooks = Hooks(callback, console or Console(soft_wrap=True), control or RunControl(), handle_signals, on_ready)
     run_dir = None if resume is None else _open_for_resume(resume, overrides)
     cfg = resolve_config(config, overrides) if run_dir is None else run_dir.load_config(overrides)
+    if cfg.rounds.count:  # sample → judge → train → evaluate, round after round
+        from app.rounds import run_rounds
+
+        return run_rounds(cfg, resume=run_dir, callback=callback, console=console)  # type: ignore[return-value]
     collective, device = join_job(cfg)
     try:
         if run_dir is None:

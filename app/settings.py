@@ -56,6 +56,15 @@ def absolute_paths(config: Config) -> Config:
     config.data.eval = local(config.data.eval)
     if config.data.chat_template not in ("auto", "plain", "chatml") and "{" not in config.data.chat_template:
         config.data.chat_template = local(config.data.chat_template) or config.data.chat_template
+    config.rounds.prompts = local(config.rounds.prompts)
+    config.rounds.eval_prompts = local(config.rounds.eval_prompts)
+    config.judge.model = local(config.judge.model)
+    config.judge.template = local(config.judge.template)
+    if config.judge.rule:  # path/to/rules.py or path/to/rules.py:function
+        file, colon, function = (
+            config.judge.rule.rpartition(":") if ".py:" in config.judge.rule else (config.judge.rule, "", "")
+        )
+        config.judge.rule = f"{local(file)}{colon}{function}"
     config.train.output_dir = str(Path(config.train.output_dir).expanduser().resolve())
     if config.train.cache_dir:
         config.train.cache_dir = str(Path(config.train.cache_dir).expanduser().resolve())

@@ -161,9 +161,13 @@ class Backend(ABC):
         adapter: bool = True,
         stop_ids: list[int] | None = None,
         pad_id: int = 0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stream: Callable[[int, int], None] | None = None,
     ) -> list[list[int]]:
         """Token ids generated after each prompt (ids, template applied), stopping at ``stop_ids``; with the
-        adapter on or off. Sampling is seeded and leaves the training RNG untouched."""
+        adapter on or off. Sampling (``temperature`` > 0, nucleus ``top_p``, ``top_k``; 0: no limit) is seeded
+        and leaves the training RNG untouched. ``stream(row, token)`` is called for each token as it is made."""
 
     @abstractmethod
     def info(self) -> BackendInfo: ...

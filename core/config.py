@@ -57,6 +57,9 @@ class ModelConfig:
     share_prompts: bool | Literal["auto"] = option(
         "auto", "compute each pair's prompt once for both replies; auto: when it saves work"
     )
+    reference: Literal["start", "base"] = option(
+        "start", "with model.adapter: the reference is the model as it starts (with that adapter), or the base alone"
+    )
 
     def validate(self) -> None:
         if self.logprob_chunk_size != "auto":
@@ -291,6 +294,78 @@ class TrainConfig:
 
 
 @dataclass
+class SamplingConfig:
+    temperature: float = option(1.0, "sampling temperature of the answers (0: greedy)")
+    second_temperature: float | None = option(
+        None, "the second answer's temperature when it should differ; null: sampling.temperature for both"
+    )
+    top_p: float = option(1.0, "nucleus sampling: keep the most likely tokens up to this total probability (1: all)")
+    top_k: int = option(0, "keep only the k most likely tokens (0: all)")
+    max_new_tokens: int = option(128, "the longest answer, in tokens")
+    seed: int = option(0, "base seed of the answers; each answer's own seed is derived from it and recorded")
+
+    def validate(self) -> None:
+        for key, value in (("temperature", self.temperature), ("second_temperature", self.second_temperature)):
+            if value is not None and value < 0:
+                raise ConfigError(f"sampling.{key} must be ≥ 0 (0: greedy), got {value}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ConfigError(f"sampling.top_k must be ≥ 0 (0: no limit), got {self.top_k}.")
+        _positive("sampling.max_new_tokens", self.max_new_tokens)
+
+
+@dataclass
+class JudgeConfig:
+    kind: Literal["human", "rule", "model"] = option(
+        "human", "who judges collected answers: human (the Collect screen), rule (judge.rule) or model (judge.model)"
+    )
+    rule: str | None = option(
+        None, "a Python file with prefer(prompt, a, b) -> 'a'|'b'|'tie' or score(prompt, answer) -> float"
+    )
+    model: str | None = option(None, "the judge model (any model Duet loads) for judge.kind=model")
+    template: str | None = option(
+        None, "a text file with the judge's question, using {prompt}, {a} and {b}; null: Duet's pairwise question"
+    )
+    max_new_tokens: int = option(8, "the longest judge-model answer, in tokens (the verdict is its first A or B)")
+
+    def validate(self) -> None:
+        if self.kind == "rule" and not self.rule:
+            raise ConfigError("judge.kind is rule but judge.rule is not set: name a .py file with prefer() or score().")
+        if self.kind == "model" and not self.model:
+            raise ConfigError("judge.kind is model but judge.model is not set: name the judge model's folder.")
+        _positive("judge.max_new_tokens", self.max_new_tokens)
+
+
+@dataclass
+class RoundsConfig:
+    count: int = option(0, "rounds of sample → judge → train → evaluate (0: train once on data.train, no rounds)")
+    prompts: str | None = option(None, "the prompts to sample from (a text or JSON lines file); null: data.train's")
+    eval_prompts: str | None = option(
+        None, "held-out prompts judged after each round; null: data.eval's, else every 8th prompt of rounds.prompts"
+    )
+    prompts_per_round: int = option(32, "prompts sampled and judged in each round")
+    eval_samples: int = option(4, "answers per held-out prompt after each round (seeded alike in every round)")
+    samples: int = option(2, "answers per prompt; with more than 2 the judge's best is chosen over its worst")
+    policy: Literal["reference", "current"] = option(
+        "current", "sample from the reference (DPO's recipe) or from the policy trained so far (on-policy)"
+    )
+    reference: Literal["base", "previous"] = option(
+        "previous", "each round's reference: the base model, or the policy the round starts from"
+    )
+    steps: int = option(20, "optimizer steps per round")
+
+    def validate(self) -> None:
+        if self.count < 0:
+            raise ConfigError(f"rounds.count must be ≥ 0, got {self.count}.")
+        _positive("rounds.prompts_per_round", self.prompts_per_round)
+        _positive("rounds.steps", self.steps)
+        _positive("rounds.eval_samples", self.eval_samples)
+        if self.samples < 2:
+            raise ConfigError(f"rounds.samples must be ≥ 2 (a pair needs two answers), got {self.samples}.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata=about("the base model and where it runs"))
     data: DataConfig = field(default_factory=DataConfig, metadata=about("the preference data and how it is tokenized"))
@@ -301,9 +376,17 @@ class Config:
     train: TrainConfig = field(
         default_factory=TrainConfig, metadata=about("optimization, evaluation, checkpoints and output")
     )
+    sampling: SamplingConfig = field(
+        default_factory=SamplingConfig, metadata=about("how answers are sampled for collecting and rounds")
+    )
+    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata=about("who prefers one answer over the other"))
+    rounds: RoundsConfig = field(
+        default_factory=RoundsConfig, metadata=about("iterative rounds: sample, judge, train, evaluate")
+    )
 
     def validate(self) -> Config:
-        for section in (self.model, self.data, self.lora, self.objective, self.train):
+        sections = (self.model, self.data, self.lora, self.objective, self.train, self.sampling, self.judge)
+        for section in (*sections, self.rounds):
             section.validate()
         return self
 

@@ -178,6 +178,25 @@ class SampleReplies(Event):
 
 
 @dataclass(kw_only=True)
+class RoundReport(Event):
+    """A round of sample → judge → train → evaluate entered a phase, or ended with its held-out figures:
+    the judge's win rate of this round's policy over the base and over the previous round's (wins plus half
+    the ties, over the prompts judged), and for a score rule the mean score of its answers."""
+
+    type: ClassVar[str] = "round"
+    round: int
+    rounds: int
+    phase: str  # sample, train, evaluate, done
+    step_offset: int = 0  # training steps of the earlier rounds (the dashboard's step axis runs on)
+    pairs: int | None = None
+    ties: int | None = None
+    win_rate_vs_base: float | None = None
+    win_rate_vs_previous: float | None = None
+    mean_score: float | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
 class Paused(Event):
     type: ClassVar[str] = "paused"
     step: int
@@ -224,6 +243,7 @@ KINDS: dict[str, type[Event]] = {
         Info,
         DemoReport,
         SampleReplies,
+        RoundReport,
         Paused,
         Resumed,
         Stopped,

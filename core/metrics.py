@@ -27,6 +27,7 @@ from core.events import (
     Info,
     Progress,
     ReferenceReady,
+    RoundReport,
     RunStarted,
     RunWarning,
     SampleReplies,
@@ -158,7 +159,15 @@ class ConsoleReporter:
                 self._print(Text(event.message, style="bold green"))
             case Progress():
                 self._phase(event)
-            case ReferenceReady() | CheckpointSaved() | Stopped() | Info() | DemoReport() | SampleReplies():
+            case (
+                ReferenceReady()
+                | CheckpointSaved()
+                | Stopped()
+                | Info()
+                | DemoReport()
+                | SampleReplies()
+                | RoundReport()
+            ):
                 self._print(Text(event.message))
 
     def _print(self, text: Text | str) -> None:

@@ -1,4 +1,5 @@
-"""``duet``: the terminal UI. Set up and train locally, or watch a headless run (``duet watch RUN_DIR``)."""
+"""``duet``: the terminal UI. Set up and train locally, watch a headless run (``duet watch RUN_DIR``), or
+collect preferences (``duet collect PROMPTS --out FILE``)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,14 @@ class DuetApp(App):
         source: str = "the demo",
         watch: Path | None = None,
         resume: Path | None = None,
+        collect: tuple[Config, str | None, str] | None = None,
     ) -> None:
         super().__init__()
         self.initial_config = config
         self.source = source
         self.watch = watch
         self.resume = resume
+        self.collect = collect  # (config, prompts file or None, judgements file): open on the Collect screen
 
     def on_mount(self) -> None:
         from tui.dashboard import DashboardScreen
@@ -46,6 +49,11 @@ class DuetApp(App):
             from tui.session import TrainingSession
 
             self.push_screen(DashboardScreen(session=TrainingSession(resume=self.resume)))
+        elif self.collect is not None:
+            from tui.collect import CollectScreen
+
+            self.sub_title = f"collecting into {self.collect[2]}"
+            self.push_screen(CollectScreen(*self.collect))
         else:
             if self.initial_config is None:
                 from app.api import resolve_config
@@ -102,8 +110,15 @@ def check_watch_target(run_dir: Path) -> None:
 
 
 def run_app(
-    config_path: str | None = None, watch: str | None = None, resume: str | None = None, wait: bool = False
+    config_path: str | None = None,
+    watch: str | None = None,
+    resume: str | None = None,
+    wait: bool = False,
+    collect: tuple[Config, str | None, str] | None = None,
 ) -> int:
+    if collect is not None:  # `duet collect`: the config is resolved already (its file and key=value overrides)
+        DuetApp(collect[0], collect=collect).run()
+        return 0
     config, source = None, "the demo"
     if config_path is not None:
         from app.api import load_config

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -429,6 +430,9 @@ class MlxBackend(Backend):
         adapter: bool = True,
         stop_ids: list[int] | None = None,
         pad_id: int = 0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stream: Callable[[int, int], None] | None = None,
     ) -> list[list[int]]:
         from mlx_lm.generate import generate_step
         from mlx_lm.sample_utils import make_sampler
@@ -440,13 +444,15 @@ class MlxBackend(Backend):
             for index, prompt in enumerate(prompts):
                 mx.random.seed(seed * 100_003 + index)
                 tokens: list[int] = []
-                for token, _ in generate_step(
-                    mx.array(prompt), self.model, max_tokens=max_new_tokens, sampler=make_sampler(temp=temperature)
-                ):
+                # mlx-lm's top_p of 0 (or 1) means no nucleus cut, as 1.0 does here
+                sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0, top_k=top_k)
+                for token, _ in generate_step(mx.array(prompt), self.model, max_tokens=max_new_tokens, sampler=sampler):
                     token = int(token)
                     if token in stops:
                         break
                     tokens.append(token)
+                    if stream is not None:
+                        stream(index, token)
                 replies.append(tokens)
         mx.random.seed(self._base_seed * 1_000_003 + self._micro_batches)  # training draws stay as they were
         return replies

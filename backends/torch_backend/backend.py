@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -513,6 +514,9 @@ class TorchBackend(Backend):
         adapter: bool = True,
         stop_ids: list[int] | None = None,
         pad_id: int = 0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stream: Callable[[int, int], None] | None = None,
     ) -> list[list[int]]:
         self.model.eval()
         width = max(len(p) for p in prompts)
@@ -522,10 +526,12 @@ class TorchBackend(Backend):
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt) :] = 1
         sampling = (
-            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+            {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
             if temperature > 0
             else {"do_sample": False}
         )
+        if stream is not None:
+            sampling["streamer"] = _RowStreamer(stream, len(prompts), set(stop_ids or []))
         with (
             torch.random.fork_rng(
                 devices=[self.device] if self.device.type != "cpu" else [],
@@ -564,3 +570,27 @@ class TorchBackend(Backend):
         elif self.device.type == "mps":
             figures["device"] = float(torch.mps.current_allocated_memory())
         return figures
+
+
+class _RowStreamer:
+    """transformers' streamer protocol, turned into ``stream(row, token)`` calls: the first ``put`` is the
+    prompts (skipped), each later one the next token of every row; a row's tokens after its stop are padding."""
+
+    def __init__(self, stream: Callable[[int, int], None], rows: int, stops: set[int]) -> None:
+        self.stream, self.stops = stream, stops
+        self.done = [False] * rows
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if not self.done[row]:
+                if token in self.stops:
+                    self.done[row] = True
+                else:
+                    self.stream(row, int(token))
+
+    def end(self) -> None:
+        pass

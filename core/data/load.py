@@ -12,7 +12,7 @@ from typing import Any
 
 from core.data.formats import FORMATS_BY_NAME, Format, RowError, detect_format, known_formats_text
 from core.data.readers import RawRow, read_rows
-from core.data.records import PreferencePair
+from core.data.records import PreferencePair, is_untrained_judgement
 from core.errors import DataError
 
 DETECTION_SAMPLE = 64  # rows looked at to detect the format
@@ -31,6 +31,7 @@ class LoadReport:
     duplicate_examples: list[str] = field(default_factory=list)  # "file:12 repeats file:3"
     duplicates_dropped: bool = False
     ties: int = 0
+    unpreferred_judgements: int = 0  # collected ties, "both bad" and skips: recorded, not trained on
     multi_turn: int = 0
     with_system: int = 0
 
@@ -46,6 +47,8 @@ class LoadReport:
             details.append(f"{self.duplicates} duplicated pairs{dropped} (e.g. {self.duplicate_examples[0]})")
         if self.ties:
             details.append(f"{self.ties} with equal scores")
+        if self.unpreferred_judgements:
+            details.append(f"{self.unpreferred_judgements} collected ties/both-bad/skips left out")
         lines.append("  " + ", ".join(details))
         if self.skipped:
             reasons = ", ".join(f"{count} {kind}" for kind, count in self.skipped.most_common())
@@ -86,6 +89,15 @@ def load_preferences(
     report = LoadReport(source=name, rows=len(raw_rows))
     if not raw_rows:
         raise DataError(f"{name}: no rows found; the file or split is empty.")
+    judged = [raw for raw in raw_rows if raw.error is None and is_untrained_judgement(raw.data)]
+    if judged:  # a collected judgements file: its ties and skips are a record, not a preference
+        report.unpreferred_judgements = len(judged)
+        raw_rows = [raw for raw in raw_rows if raw.error is not None or not is_untrained_judgement(raw.data)]
+        if not raw_rows:
+            raise DataError(
+                f"{name}: its {len(judged)} judgements are all ties, 'both bad' or skips; there is no preference "
+                "to train on yet. Collect more (duet collect) and judge an answer better."
+            )
     rename = _column_renamer(columns or {})
     fmt = _choose_format(raw_rows, format, rename, name)
     report.format = fmt.name

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+# verdicts a judgements file records (with the answers) but that are no preference: never trained on
+RECORDED_VERDICTS = ("tie", "both_bad", "skip")
 
 
 @dataclass(frozen=True)
@@ -50,3 +55,10 @@ class PreferencePair:
     @property
     def num_user_turns(self) -> int:
         return sum(m.role == "user" for m in self.prompt)
+
+
+def is_untrained_judgement(row: Any) -> bool:
+    """A row of a judgements file (core.collect) that records a tie, "both bad" or a skip."""
+    if not isinstance(row, Mapping) or not isinstance(row.get("duet"), Mapping):
+        return False
+    return row["duet"].get("verdict") in RECORDED_VERDICTS and "chosen" not in row
