@@ -22,6 +22,7 @@ from app.exports import export
 from app.run import RunResult, run
 from app.settings import absolute_paths, resolve_config
 from core.atomic import DiskError, write_text
+from core.collect import read_prompts
 from core.config import Config, apply_override, config_from_dict, load_config
 from core.data import load_preferences
 from core.errors import DuetError
@@ -37,6 +38,7 @@ from core.events import (
     Progress,
     ReferenceReady,
     Resumed,
+    RoundReport,
     RunStarted,
     RunWarning,
     SampleReplies,
@@ -52,6 +54,7 @@ from core.models_io import resolve_model_path as resolve_model
 from core.objectives import OBJECTIVES, build_objective
 from core.prepare import resolve_data_source
 from core.rundir import LOCK_FILE, METRICS_FILE, RunDirectory
+from core.tokenization import ChatTokenizer
 from core.trainer import RunControl
 from models.registry import RECOMMENDED, availability
 
@@ -62,6 +65,7 @@ __all__ = [
     "OBJECTIVES",
     "RECOMMENDED",
     "Answers",
+    "ChatTokenizer",
     "CheckpointSaved",
     "CollectSession",
     "Config",
@@ -77,6 +81,7 @@ __all__ = [
     "Progress",
     "ReferenceReady",
     "Resumed",
+    "RoundReport",
     "RunControl",
     "RunDirectory",
     "RunResult",
@@ -103,6 +108,7 @@ __all__ = [
     "open_session",
     "parse_events",
     "read_events",
+    "read_prompts",
     "render_pair",
     "resolve_backend_name",
     "resolve_config",

@@ -99,41 +99,63 @@ class AnswerSampler:
         return Answers(prompt, index, attempt, seeds, self.temperatures(k), [""] * k, [[] for _ in range(k)], left=left)
 
     def fill(self, answers: Answers, on_update: Callable[[Answers], None] | None = None) -> Answers:
-        """Generate every answer of ``answers`` in place (streaming into ``texts``), each with its own seed."""
+        """Generate every answer of ``answers`` in place (streaming into ``texts``)."""
+        self.fill_many([answers], on_update)
+        return answers
+
+    def fill_many(self, batch: list[Answers], on_update: Callable[[Answers], None] | None = None) -> None:
+        """Every answer of every prompt in ``batch`` sampled together, in one batch on the backend: each row
+        with its own seed and temperature, so an answer is what it would be sampled alone. A prompt that
+        cannot be answered (too long for the context) is marked with its error; the others go on."""
         started = time.perf_counter()
-        ids = self.prompt_ids(answers.prompt)
-        for row, (seed, temperature) in enumerate(zip(answers.seeds, answers.temperatures, strict=True)):
-            tokens = answers.token_ids[row]
+        prompts: list[list[int]] = []
+        rows: list[tuple[Answers, int]] = []
+        for answers in batch:
+            try:
+                ids = self.prompt_ids(answers.prompt)
+            except DataError as exc:
+                answers.error, answers.done = str(exc), True
+                continue
+            for slot in range(len(answers.seeds)):
+                prompts.append(ids)
+                rows.append((answers, slot))
 
-            def stream(_: int, token: int, row: int = row, tokens: list[int] = tokens) -> None:
-                tokens.append(token)
-                if on_update is not None:
-                    answers.texts[row] = self.chat.decode(tokens)
-                    on_update(answers)
+        def stream(row: int, token: int) -> None:
+            answers, slot = rows[row]
+            answers.token_ids[slot].append(token)
+            if on_update is not None:
+                answers.texts[slot] = self.chat.decode(answers.token_ids[slot])
+                on_update(answers)
 
+        if rows:
             with self._lock:
                 generated = self.backend.generate(
-                    [ids],
+                    prompts,
                     max_new_tokens=self.sampling.max_new_tokens,
-                    temperature=temperature,
                     top_p=self.sampling.top_p,
                     top_k=self.sampling.top_k,
-                    seed=seed,
+                    seeds=[answers.seeds[slot] for answers, slot in rows],
+                    temperatures=[answers.temperatures[slot] for answers, slot in rows],
                     adapter=self.adapter,
                     stop_ids=self.chat.stop_ids,
                     pad_id=self.chat.pad_id,
                     stream=stream,
-                )[0]
-            answers.token_ids[row] = generated
-            answers.texts[row] = self.chat.decode(generated)
-            faults.reach("collect.generate")  # killed between the answers of a pair
-        answers.done, answers.seconds = True, time.perf_counter() - started
-        if on_update is not None:
-            on_update(answers)
-        return answers
+                )
+            for (answers, slot), tokens in zip(rows, generated, strict=True):
+                answers.token_ids[slot] = tokens
+                answers.texts[slot] = self.chat.decode(tokens)
+        for answers in batch:
+            if answers.error is None:
+                answers.done, answers.seconds = True, time.perf_counter() - started
+                faults.reach("collect.generate")  # killed with answers generated but not yet judged
+            if on_update is not None:
+                on_update(answers)
 
     def sample(self, prompt: PromptItem, index: int = 0, k: int = 2, attempt: int = 0) -> Answers:
-        return self.fill(self.start(prompt, index, k, attempt))
+        answers = self.fill(self.start(prompt, index, k, attempt))
+        if answers.error:
+            raise DataError(answers.error)
+        return answers
 
     def complete(self, questions: list[str], max_new_tokens: int) -> list[str]:
         """Greedy replies to user messages (a model judge's questions)."""
@@ -266,7 +288,7 @@ class CollectSession:
     file: JudgementsFile
     config: Config
     judge_name: str = "human"
-    ahead: int = 2
+    ahead: int = 4
     on_update: Callable[[Answers], None] | None = None
     _queue: list[tuple[int, PromptItem]] = field(default_factory=list)
     _answers: dict[tuple[int, int], Answers] = field(default_factory=dict)
@@ -297,13 +319,20 @@ class CollectSession:
         self.file.close()
 
     def _wanted(self) -> list[tuple[int, PromptItem, int]]:
+        """The pairs to generate next: the pair on screen alone when it is missing (the person is waiting
+        for it); else all those missing from the window once half of it is, so that pairs are made several
+        to a batch (a batch of a few pairs takes little longer than one, and a person judging every few
+        seconds would outrun them made one by one)."""
         with self._lock:
             window = self._queue[: 1 + self.ahead]
-            return [
+            missing = [
                 (i, p, self._attempts.get(i, 0))
                 for i, p in window
                 if (i, self._attempts.get(i, 0)) not in self._answers
             ]
+        if missing and missing[0][0] == window[0][0]:
+            return missing[:1]
+        return missing if len(missing) >= max(1, (self.ahead + 1) // 2) else []
 
     def _generate_ahead(self) -> None:
         while not self._stop.is_set():
@@ -312,20 +341,22 @@ class CollectSession:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            index, prompt, attempt = wanted[0]
-            answers = self.sampler.start(prompt, index, attempt=attempt)
+            # the pair on screen and the next ones, in one batch: the person's current pair streams in
+            # while the following pairs are made alongside it, at little more than the cost of one
+            batch = [self.sampler.start(prompt, index, attempt=attempt) for index, prompt, attempt in wanted]
             with self._lock:
-                self._answers[(index, attempt)] = answers
+                for answers in batch:
+                    self._answers[(answers.index, answers.attempt)] = answers
             try:
-                self.sampler.fill(answers, self._updated)
+                self.sampler.fill_many(batch, self._updated)
             except _Closed:
                 return
-            except Exception as exc:  # a prompt too long for the context, a backend failure: shown, not fatal
-                answers.error = str(exc)
-                answers.done = True
+            except Exception as exc:  # a backend failure: shown on the pairs, not fatal
                 self.errors.put(exc)
-                if not self._stop.is_set():
-                    self._updated(answers)
+                for answers in batch:
+                    answers.error, answers.done = answers.error or str(exc), True
+                    if not self._stop.is_set():
+                        self._updated(answers)
 
     def _updated(self, answers: Answers) -> None:
         if self._stop.is_set():  # closed: stop at this token, so close() never waits out a long answer
@@ -447,33 +478,52 @@ def collect_with_judge(
     samples: int = 2,
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    batch_prompts: int = 8,
 ) -> Counter[str]:
-    """Sample and judge every prompt not yet in ``file`` (at most ``limit``), one line each; returns the
-    verdict counts of this call."""
+    """Sample and judge every prompt not yet in ``file`` (at most ``limit``), one line each, the answers of
+    ``batch_prompts`` prompts sampled in one batch; returns the verdict counts of this call."""
     todo = list(remaining(prompts, file.judged_keys()))[:limit]
     counts: Counter[str] = Counter()
-    for done, (index, prompt) in enumerate(todo, start=1):
-        answers = sampler.sample(prompt, index, k=samples)
-        picked = judge_answers(judge, prompt, answers.texts)
-        best, worst = (0, 1) if picked is None else picked[:2]
-        texts = (answers.texts[best], answers.texts[worst])
-        # two answers keep their order (the verdict names the side); of k, the best is "a" over the worst
-        if samples == 2:
-            texts, verdict = (answers.texts[0], answers.texts[1]), "tie" if picked is None else "ab"[best]
-        else:
-            verdict = "tie" if picked is None else "a"
-        if verdict != "tie" and texts[0] == texts[1]:
-            verdict = "tie"
-        details = provenance(config, sampler.backend, answers, adapter=sampler.adapter)
-        details["picked"] = None if picked is None else [best, worst]
-        if picked is not None and picked[2].detail:
-            details["judge_detail"] = picked[2].detail
-        record = judgement_record(prompt, texts, verdict, judge=judge.name, provenance=details)
-        file.append(record)
-        counts[verdict] += 1
-        if progress is not None:
-            progress(done, len(todo))
+    done = 0
+    for start in range(0, len(todo), batch_prompts):
+        chunk = [sampler.start(prompt, index, k=samples) for index, prompt in todo[start : start + batch_prompts]]
+        sampler.fill_many(chunk)
+        for answers in chunk:
+            done += 1
+            if answers.error:
+                raise DataError(answers.error)
+            _judge_and_record(answers, file, judge, config, sampler, samples, counts)
+            if progress is not None:
+                progress(done, len(todo))
     return counts
+
+
+def _judge_and_record(
+    answers: Answers,
+    file: JudgementsFile,
+    judge: Judge,
+    config: Config,
+    sampler: AnswerSampler,
+    samples: int,
+    counts: Counter[str],
+) -> None:
+    """One prompt's answers judged, and the verdict written to the file."""
+    picked = judge_answers(judge, answers.prompt, answers.texts)
+    best, worst = (0, 1) if picked is None else picked[:2]
+    texts = (answers.texts[best], answers.texts[worst])
+    # two answers keep their order (the verdict names the side); of k, the best is "a" over the worst
+    if samples == 2:
+        texts, verdict = (answers.texts[0], answers.texts[1]), "tie" if picked is None else "ab"[best]
+    else:
+        verdict = "tie" if picked is None else "a"
+    if verdict != "tie" and texts[0] == texts[1]:
+        verdict = "tie"
+    details = provenance(config, sampler.backend, answers, adapter=sampler.adapter)
+    details["picked"] = None if picked is None else [best, worst]
+    if picked is not None and picked[2].detail:
+        details["judge_detail"] = picked[2].detail
+    file.append(judgement_record(answers.prompt, texts, verdict, judge=judge.name, provenance=details))
+    counts[verdict] += 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -515,7 +565,7 @@ def open_session(
     *,
     typed: list[str] | None = None,
     on_update: Callable[[Answers], None] | None = None,
-    ahead: int = 2,
+    ahead: int = 4,
 ) -> CollectSession:
     """A person's collection session: the prompts (a file and/or typed), the model of ``config.model`` with
     ``config.model.adapter`` on when set, answers generated ahead, judgements appended to ``out`` (reopened:

@@ -44,7 +44,7 @@ from core.atomic import atomic_directory, write_json
 from core.checkpoint import latest_checkpoint
 from core.collect import JudgementsFile, PromptItem, read_prompts
 from core.config import Config, ConfigError
-from core.errors import DuetError
+from core.errors import DataError, DuetError
 from core.events import (
     CheckpointSaved,
     Evaluation,
@@ -348,16 +348,21 @@ class Rounds:
             config = dataclasses.replace(self.config, sampling=sampling)
             sampler = self._sampler(config, adapter, adapter is not None)
             progress = self._progress("evaluate", f"held-out answers of {label}", "prompts")
+            k, first = self.config.rounds.eval_samples, len(rows)
             with open(path, "a", encoding="utf-8") as handle:
-                for done, prompt in enumerate(todo, start=len(rows) + 1):
-                    answers = sampler.sample(prompt, done - 1, k=self.config.rounds.eval_samples)
-                    row = {"prompt_key": prompt.key, "answers": answers.texts, "seeds": answers.seeds}
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                    rows.append(row)
-                    progress(done, len(self.held_out))
-                    faults.reach("rounds.eval_answer")
+                for start in range(0, len(todo), 8):  # 8 prompts' answers in one batch
+                    chunk = [sampler.start(p, first + start + i, k=k) for i, p in enumerate(todo[start : start + 8])]
+                    sampler.fill_many(chunk)
+                    for answers in chunk:
+                        if answers.error:
+                            raise DataError(answers.error)
+                        row = {"prompt_key": answers.prompt.key, "answers": answers.texts, "seeds": answers.seeds}
+                        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                        rows.append(row)
+                        progress(len(rows), len(self.held_out))
+                        faults.reach("rounds.eval_answer")
         return rows
 
     def _evaluate(self, number: int) -> dict[str, Any]:

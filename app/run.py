@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,6 +114,9 @@ def run(
     cfg = resolve_config(config, overrides) if run_dir is None else run_dir.load_config(overrides)
     if cfg.rounds.count:  # sample → judge → train → evaluate, round after round
         from app.rounds import run_rounds
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("rounds (rounds.count > 0) run in one process; start them without torchrun.")
 
         return run_rounds(cfg, resume=run_dir, callback=callback, console=console)  # type: ignore[return-value]
     collective, device = join_job(cfg)

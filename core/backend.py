@@ -164,10 +164,14 @@ class Backend(ABC):
         top_p: float = 1.0,
         top_k: int = 0,
         stream: Callable[[int, int], None] | None = None,
+        seeds: list[int] | None = None,
+        temperatures: list[float] | None = None,
     ) -> list[list[int]]:
         """Token ids generated after each prompt (ids, template applied), stopping at ``stop_ids``; with the
         adapter on or off. Sampling (``temperature`` > 0, nucleus ``top_p``, ``top_k``; 0: no limit) is seeded
-        and leaves the training RNG untouched. ``stream(row, token)`` is called for each token as it is made."""
+        per row (``seeds[i]``, else ``seed + i``; ``temperatures[i]`` overrides ``temperature``): a row's answer
+        depends on its prompt, seed and settings, not on the rest of the batch, and the training RNG is left
+        untouched. ``stream(row, token)`` is called for each token as it is made."""
 
     @abstractmethod
     def info(self) -> BackendInfo: ...

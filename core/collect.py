@@ -66,8 +66,9 @@ def user_prompt(text: str, location: str) -> PromptItem:
 
 def read_prompts(source: str | Path) -> list[PromptItem]:
     """The prompts in ``source``: a text file (one prompt per line; blank lines and lines starting with '#'
-    skipped), JSON lines / JSON / parquet rows with a ``prompt`` (text or messages), ``messages`` ending with
-    a user turn, or ``instruction`` (+ ``input``), which covers the prompts of any preference file."""
+    skipped), JSON lines / JSON / parquet rows with a ``prompt`` (text or messages), ``messages`` or ShareGPT's
+    ``conversations`` (the turns before the last reply), or ``instruction`` (+ ``input``), which covers the
+    prompts of any preference file."""
     path = Path(source).expanduser()
     rows = [] if path.suffix.lower() in TEXT_SUFFIXES else read_rows(source)
     if path.suffix.lower() in TEXT_SUFFIXES:
@@ -108,8 +109,9 @@ def _row_prompt(row: Any, location: str) -> PromptItem:
             turns.append(("user", prompt))
         else:
             turns += _messages(prompt, location, "prompt")
-    elif "messages" in row:
-        turns += _messages(row["messages"], location, "messages")
+    elif "messages" in row or "conversations" in row:  # a chat, or ShareGPT's turns
+        field = "messages" if "messages" in row else "conversations"
+        turns += _messages(row[field], location, field)
     elif "instruction" in row:
         extra = row.get("input") or ""
         turns.append(("user", f"{row['instruction']}\n\n{extra}".strip() if extra else str(row["instruction"])))

@@ -57,10 +57,9 @@ def rounds_config(folder: Path, *, prompts: int, held_out: int, **rounds: Any) -
 
 
 def test_three_rounds_raise_the_judged_rate_on_held_out_prompts(tmp_path: Path) -> None:
-    config = rounds_config(
-        tmp_path, prompts=480, held_out=48, count=3, steps=30, samples=4, prompts_per_round=64, eval_samples=4
-    )
-    done = duet("--config", str(config), timeout=1200)
+    """The shipped recipe, models/demo/rounds.yaml: 3 rounds judged by models/demo/concise.py."""
+    output = [f"train.output_dir={tmp_path / 'runs'}", f"train.cache_dir={tmp_path / 'cache'}", "train.run_name=run"]
+    done = duet("--config", "models/demo/rounds.yaml", *output, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "runs" / "run"
     reports = [json.loads((run / "rounds" / f"round-{n}" / "eval.json").read_text()) for n in (1, 2, 3)]
@@ -117,7 +116,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "fault",
     [
-        "collect.generate:3",  # between the two answers of a pair, round 1
+        "collect.generate:3",  # round 1: the third prompt's answers made, not yet judged
         "collect.write:2",  # half-way through writing a judgement
         "collect.written:9",  # right after a judgement was synced, round 2
         "step.updated:3",  # round 1's training, after its step-2 checkpoint

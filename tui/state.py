@@ -15,6 +15,7 @@ from app.api import (
     Paused,
     Progress,
     Resumed,
+    RoundReport,
     RunStarted,
     Stopped,
     TrainStep,
@@ -45,6 +46,7 @@ LOG_KINDS = (
     "samples",
     "paused",
     "resumed",
+    "round",
 )
 MAX_LOG = 500
 
@@ -80,6 +82,9 @@ class DashboardState:
     adapter: str | None = None
     last_checkpoint: str | None = None
     progress: Progress | None = None  # the latest progress event of a phase still under way (loading, reference, ...)
+    round: RoundReport | None = None  # iterative rounds: the latest round report (round, phase)
+    round_results: dict[int, RoundReport] = field(default_factory=dict)  # each finished round's figures
+    round_starts: set[int] = field(default_factory=set)  # steps where a later round's training began
     events: int = 0
 
     def reset(self) -> None:
@@ -123,6 +128,14 @@ class DashboardState:
                 self.adapter = event.adapter
             case Failed():
                 self.phase = "failed"
+            case RoundReport():
+                self.round = event
+                if event.round > 1:
+                    self.round_starts.add(event.step_offset)
+                if event.phase == "done":
+                    self.round_results[event.round] = event
+                if self.phase in ("waiting", "stopped", "not running"):
+                    self.phase = "training"
         if event.type in LOG_KINDS and event.message:
             self.log.append((event.type, event.message))
             del self.log[:-MAX_LOG]

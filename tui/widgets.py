@@ -60,6 +60,8 @@ class MetricChart(PlotextPlot):
             plt.ylim(0, 1)
         else:
             plt.xticks(step_ticks(state))
+            for start in sorted(state.round_starts):  # iterative rounds: where each later round began
+                plt.vline(start + 0.5, color="gray")
         self.refresh()
 
 
@@ -189,10 +191,27 @@ def status_lines(state: DashboardState, source: str, width: int) -> list[Text]:
         figures.append(_bar(f"step {state.step}/{total}", state.step / total, bar))
     if latest is not None:
         figures += step_figures(latest, state.phase == "training")
+    if state.round is not None:
+        figures[:0] = round_figures(state)
     lines = _pack(head, width, "  ") + _pack(figures, width, " · ")
     if state.progress:
         lines += _pack(progress_parts(state.progress, bar), width, " · ")
     return lines
+
+
+def round_figures(state: DashboardState) -> list[Text]:
+    """Iterative rounds: which round and phase, and the judge's win rate of the latest finished round over
+    the previous round's policy (and over the base)."""
+    current = state.round
+    assert current is not None
+    figures = [Text(f"round {current.round}/{current.rounds} {current.phase}", style="bold")]
+    if state.round_results:
+        last = state.round_results[max(state.round_results)]
+        if last.win_rate_vs_previous is not None:
+            figures.append(Text(f"r{last.round} win vs prev {last.win_rate_vs_previous:.2f}"))
+        if last.win_rate_vs_base is not None:
+            figures.append(Text(f"vs base {last.win_rate_vs_base:.2f}"))
+    return figures
 
 
 def step_figures(latest: TrainStep, training: bool) -> list[Text]:

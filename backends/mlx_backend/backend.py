@@ -433,6 +433,8 @@ class MlxBackend(Backend):
         top_p: float = 1.0,
         top_k: int = 0,
         stream: Callable[[int, int], None] | None = None,
+        seeds: list[int] | None = None,
+        temperatures: list[float] | None = None,
     ) -> list[list[int]]:
         from mlx_lm.generate import generate_step
         from mlx_lm.sample_utils import make_sampler
@@ -442,10 +444,12 @@ class MlxBackend(Backend):
         replies = []
         with self._adapter(adapter):
             for index, prompt in enumerate(prompts):
-                mx.random.seed(seed * 100_003 + index)
+                # one row at a time, each from its own seed: a row's answer does not depend on the batch
+                mx.random.seed(seeds[index] if seeds else seed + index)
                 tokens: list[int] = []
                 # mlx-lm's top_p of 0 (or 1) means no nucleus cut, as 1.0 does here
-                sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0, top_k=top_k)
+                row_temperature = temperatures[index] if temperatures else temperature
+                sampler = make_sampler(temp=row_temperature, top_p=top_p if top_p < 1.0 else 0.0, top_k=top_k)
                 for token, _ in generate_step(mx.array(prompt), self.model, max_tokens=max_new_tokens, sampler=sampler):
                     token = int(token)
                     if token in stops:

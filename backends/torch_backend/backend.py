@@ -517,44 +517,32 @@ class TorchBackend(Backend):
         top_p: float = 1.0,
         top_k: int = 0,
         stream: Callable[[int, int], None] | None = None,
+        seeds: list[int] | None = None,
+        temperatures: list[float] | None = None,
     ) -> list[list[int]]:
+        from backends.torch_backend.generation import RowSampling, sample
+
         self.model.eval()
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            attention_mask[row, width - len(prompt) :] = 1
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-            if temperature > 0
-            else {"do_sample": False}
-        )
-        if stream is not None:
-            sampling["streamer"] = _RowStreamer(stream, len(prompts), set(stop_ids or []))
-        with (
-            torch.random.fork_rng(
-                devices=[self.device] if self.device.type != "cpu" else [],
-                device_type=self.device.type if self.device.type != "cpu" else "cuda",
-            ),
-            self._adapter_disabled(adapter),
-            self._autocast(),
-        ):
-            torch.manual_seed(seed)
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stop_ids,
-                pad_token_id=pad_id,
-                use_cache=True,
-                **sampling,
+        rows = [
+            RowSampling(
+                temperature=temperatures[index] if temperatures else temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seeds[index] if seeds else seed + index,
             )
-        replies = []
-        for row in output[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if stop_ids and t in stop_ids), len(row))
-            replies.append(row[:cut])
-        return replies
+            for index in range(len(prompts))
+        ]
+        with self._adapter_disabled(adapter), self._autocast():
+            return sample(
+                self.model,
+                prompts,
+                rows,
+                max_new_tokens=max_new_tokens,
+                stop_ids=stop_ids or [],
+                pad_id=pad_id,
+                device=self.device,
+                stream=stream,
+            )
 
     def info(self) -> BackendInfo:
         details: dict[str, Any] = {"torch": torch.__version__}
@@ -570,27 +558,3 @@ class TorchBackend(Backend):
         elif self.device.type == "mps":
             figures["device"] = float(torch.mps.current_allocated_memory())
         return figures
-
-
-class _RowStreamer:
-    """transformers' streamer protocol, turned into ``stream(row, token)`` calls: the first ``put`` is the
-    prompts (skipped), each later one the next token of every row; a row's tokens after its stop are padding."""
-
-    def __init__(self, stream: Callable[[int, int], None], rows: int, stops: set[int]) -> None:
-        self.stream, self.stops = stream, stops
-        self.done = [False] * rows
-        self.seen_prompt = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.seen_prompt:
-            self.seen_prompt = True
-            return
-        for row, token in enumerate(value.reshape(-1).tolist()):
-            if not self.done[row]:
-                if token in self.stops:
-                    self.done[row] = True
-                else:
-                    self.stream(row, int(token))
-
-    def end(self) -> None:
-        pass

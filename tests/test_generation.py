@@ -1,0 +1,129 @@
+"""Generation: greedy tokens equal transformers' ``generate`` token for token (batched, left-padded, adapter
+on and off), each sampled row depends only on its own prompt, seed and settings (not on the batch), top-k
+and top-p match a NumPy reference, and MLX greedy equals torch greedy on the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.settings import resolve_config
+from backends.torch_backend.backend import TorchBackend
+from backends.torch_backend.generation import RowSampling, _filtered_probs
+from core.tokenization import ChatTokenizer
+from tests.helpers import DEMO_MODEL
+
+QUESTIONS = ["Name a tree.", "Can you name a river, please?", "Name a bird.", "What is your favourite fruit, friend?"]
+
+
+@pytest.fixture(scope="module")
+def torch_demo() -> tuple[TorchBackend, ChatTokenizer]:
+    config = resolve_config(None, [f"model.path={DEMO_MODEL}"])
+    backend = TorchBackend(device="cpu", dtype="float32")
+    backend.load_model(str(DEMO_MODEL))
+    backend.seed(0)
+    backend.attach_lora(config.lora)
+    with torch.no_grad():  # a LoRA that changes the replies, so "adapter on" differs from off
+        for name, parameter in backend.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return backend, ChatTokenizer(backend.tokenizer)
+
+
+def _prompts(chat: ChatTokenizer) -> list[list[int]]:
+    return [chat.prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_greedy_equals_transformers_generate_token_for_token(torch_demo, adapter: bool) -> None:
+    backend, chat = torch_demo
+    prompts = _prompts(chat)
+    assert len({len(p) for p in prompts}) > 1  # left padding is exercised
+    ours = backend.generate(prompts, max_new_tokens=20, adapter=adapter, stop_ids=chat.stop_ids, pad_id=chat.pad_id)
+    for prompt, mine in zip(prompts, ours, strict=True):
+        with backend._adapter_disabled(adapter), torch.no_grad():
+            theirs = backend.model.generate(
+                input_ids=torch.tensor([prompt]),
+                attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+                max_new_tokens=20,
+                do_sample=False,
+                eos_token_id=chat.stop_ids,
+                pad_token_id=chat.pad_id,
+            )[0, len(prompt) :].tolist()
+        cut = next((i for i, t in enumerate(theirs) if t in chat.stop_ids), len(theirs))
+        assert mine == theirs[:cut]
+
+
+def test_a_sampled_row_depends_on_its_seed_not_on_the_batch(torch_demo) -> None:
+    backend, chat = torch_demo
+    prompts = _prompts(chat)
+    settings = {"max_new_tokens": 16, "temperature": 1.0, "stop_ids": chat.stop_ids, "pad_id": chat.pad_id}
+    batched = backend.generate(prompts, seeds=[11, 12, 13, 14], **settings)
+    alone = [backend.generate([p], seeds=[s], **settings)[0] for p, s in zip(prompts, [11, 12, 13, 14], strict=True)]
+    assert batched == alone
+    assert backend.generate(prompts, seeds=[11, 12, 13, 14], **settings) == batched  # and again
+    shuffled = backend.generate(prompts[::-1], seeds=[14, 13, 12, 11], **settings)
+    assert shuffled == batched[::-1]
+    mixed = backend.generate(prompts[:2], seeds=[11, 12], temperatures=[1.0, 0.0], **settings)
+    greedy = backend.generate(prompts[1:2], **{**settings, "temperature": 0.0})
+    assert mixed[0] == batched[0] and mixed[1] == greedy[0]
+
+
+def test_top_k_one_and_a_tiny_top_p_are_greedy(torch_demo) -> None:
+    backend, chat = torch_demo
+    prompts = _prompts(chat)
+    greedy = backend.generate(prompts, max_new_tokens=12, stop_ids=chat.stop_ids, pad_id=chat.pad_id)
+    for extra in ({"top_k": 1}, {"top_p": 1e-6}):
+        sampled = backend.generate(
+            prompts, max_new_tokens=12, temperature=1.3, seeds=[1, 2, 3, 4], stop_ids=chat.stop_ids, **extra
+        )
+        assert sampled == greedy, extra
+
+
+def test_streamed_tokens_arrive_in_order(torch_demo) -> None:
+    backend, chat = torch_demo
+    seen: list[tuple[int, int]] = []
+    out = backend.generate(
+        _prompts(chat)[:2],
+        max_new_tokens=10,
+        temperature=1.0,
+        seeds=[5, 6],
+        stop_ids=chat.stop_ids,
+        stream=lambda row, token: seen.append((row, token)),
+    )
+    assert [t for r, t in seen if r == 0] == out[0] and [t for r, t in seen if r == 1] == out[1]
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (5, 1.0), (0, 0.7), (7, 0.5), (0, 0.05)])
+def test_top_k_and_top_p_match_a_numpy_reference(top_k: int, top_p: float) -> None:
+    logits = np.random.default_rng(top_k * 10 + int(top_p * 100)).normal(0, 2, size=50)
+    temperature = 0.8
+    scores = logits / temperature
+    if top_k:
+        scores = np.where(scores < np.sort(scores)[-top_k], -np.inf, scores)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    above = np.cumsum(probs[order]) - probs[order]
+    kept = np.zeros_like(probs)
+    kept[order[above < top_p]] = probs[order[above < top_p]]
+    ours = _filtered_probs(torch.tensor(logits, dtype=torch.float64), RowSampling(temperature, top_p, top_k, 0))
+    np.testing.assert_allclose(ours.numpy(), kept, rtol=1e-12, atol=1e-15)
+
+
+def test_mlx_greedy_equals_torch_greedy_on_the_same_weights(torch_demo) -> None:
+    pytest.importorskip("mlx.core")
+    from backends.mlx_backend.backend import MlxBackend
+
+    _, chat = torch_demo
+    config = resolve_config(None, [f"model.path={DEMO_MODEL}"])
+    torch_backend = TorchBackend(device="cpu", dtype="float32")
+    torch_backend.load_model(str(DEMO_MODEL))
+    torch_backend.attach_lora(config.lora)
+    mlx_backend = MlxBackend(dtype="float32")
+    mlx_backend.load_model(str(DEMO_MODEL))
+    mlx_backend.attach_lora(config.lora)
+    prompts = _prompts(chat)
+    settings = {"max_new_tokens": 20, "stop_ids": chat.stop_ids, "pad_id": chat.pad_id, "adapter": False}
+    assert mlx_backend.generate(prompts, **settings) == torch_backend.generate(prompts, **settings)
