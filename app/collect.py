@@ -136,6 +136,7 @@ class AnswerSampler:
                     top_k=self.sampling.top_k,
                     seeds=[answers.seeds[slot] for answers, slot in rows],
                     temperatures=[answers.temperatures[slot] for answers, slot in rows],
+                    repetition_penalty=self.sampling.repetition_penalty,
                     adapter=self.adapter,
                     stop_ids=self.chat.stop_ids,
                     pad_id=self.chat.pad_id,

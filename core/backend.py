@@ -166,12 +166,15 @@ class Backend(ABC):
         stream: Callable[[int, int], None] | None = None,
         seeds: list[int] | None = None,
         temperatures: list[float] | None = None,
+        repetition_penalty: float = 1.0,
     ) -> list[list[int]]:
         """Token ids generated after each prompt (ids, template applied), stopping at ``stop_ids``; with the
         adapter on or off. Sampling (``temperature`` > 0, nucleus ``top_p``, ``top_k``; 0: no limit) is seeded
         per row (``seeds[i]``, else ``seed + i``; ``temperatures[i]`` overrides ``temperature``): a row's answer
         depends on its prompt, seed and settings, not on the rest of the batch, and the training RNG is left
-        untouched. ``stream(row, token)`` is called for each token as it is made."""
+        untouched. ``repetition_penalty`` > 1 divides the logit of every token already in the row's prompt or
+        answer by it (multiplies a negative one), as transformers does. ``stream(row, token)`` is called for
+        each token as it is made."""
 
     @abstractmethod
     def info(self) -> BackendInfo: ...

@@ -301,6 +301,9 @@ class SamplingConfig:
     )
     top_p: float = option(1.0, "nucleus sampling: keep the most likely tokens up to this total probability (1: all)")
     top_k: int = option(0, "keep only the k most likely tokens (0: all)")
+    repetition_penalty: float = option(
+        1.0, "above 1 discourages tokens already in the prompt or the answer (transformers' rule); 1: off"
+    )
     max_new_tokens: int = option(128, "the longest answer, in tokens")
     seed: int = option(0, "base seed of the answers; each answer's own seed is derived from it and recorded")
 
@@ -313,6 +316,7 @@ class SamplingConfig:
         if self.top_k < 0:
             raise ConfigError(f"sampling.top_k must be ≥ 0 (0: no limit), got {self.top_k}.")
         _positive("sampling.max_new_tokens", self.max_new_tokens)
+        _positive("sampling.repetition_penalty", self.repetition_penalty)
 
 
 @dataclass

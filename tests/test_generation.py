@@ -35,12 +35,19 @@ def _prompts(chat: ChatTokenizer) -> list[list[int]]:
     return [chat.prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS]
 
 
-@pytest.mark.parametrize("adapter", [False, True])
-def test_greedy_equals_transformers_generate_token_for_token(torch_demo, adapter: bool) -> None:
+@pytest.mark.parametrize(("adapter", "penalty"), [(False, 1.0), (True, 1.0), (True, 3.0), (False, 3.0)])
+def test_greedy_equals_transformers_generate_token_for_token(torch_demo, adapter: bool, penalty: float) -> None:
     backend, chat = torch_demo
     prompts = _prompts(chat)
     assert len({len(p) for p in prompts}) > 1  # left padding is exercised
-    ours = backend.generate(prompts, max_new_tokens=20, adapter=adapter, stop_ids=chat.stop_ids, pad_id=chat.pad_id)
+    ours = backend.generate(
+        prompts,
+        max_new_tokens=20,
+        adapter=adapter,
+        stop_ids=chat.stop_ids,
+        pad_id=chat.pad_id,
+        repetition_penalty=penalty,
+    )
     for prompt, mine in zip(prompts, ours, strict=True):
         with backend._adapter_disabled(adapter), torch.no_grad():
             theirs = backend.model.generate(
@@ -48,6 +55,7 @@ def test_greedy_equals_transformers_generate_token_for_token(torch_demo, adapter
                 attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
                 max_new_tokens=20,
                 do_sample=False,
+                repetition_penalty=penalty,
                 eos_token_id=chat.stop_ids,
                 pad_token_id=chat.pad_id,
             )[0, len(prompt) :].tolist()
@@ -127,3 +135,6 @@ def test_mlx_greedy_equals_torch_greedy_on_the_same_weights(torch_demo) -> None:
     prompts = _prompts(chat)
     settings = {"max_new_tokens": 20, "stop_ids": chat.stop_ids, "pad_id": chat.pad_id, "adapter": False}
     assert mlx_backend.generate(prompts, **settings) == torch_backend.generate(prompts, **settings)
+    penalized = {**settings, "repetition_penalty": 3.0}
+    assert mlx_backend.generate(prompts, **penalized) == torch_backend.generate(prompts, **penalized)
+    assert torch_backend.generate(prompts, **penalized) != torch_backend.generate(prompts, **settings)

@@ -435,6 +435,7 @@ class MlxBackend(Backend):
         stream: Callable[[int, int], None] | None = None,
         seeds: list[int] | None = None,
         temperatures: list[float] | None = None,
+        repetition_penalty: float = 1.0,
     ) -> list[list[int]]:
         from mlx_lm.generate import generate_step
         from mlx_lm.sample_utils import make_sampler
@@ -450,7 +451,15 @@ class MlxBackend(Backend):
                 # mlx-lm's top_p of 0 (or 1) means no nucleus cut, as 1.0 does here
                 row_temperature = temperatures[index] if temperatures else temperature
                 sampler = make_sampler(temp=row_temperature, top_p=top_p if top_p < 1.0 else 0.0, top_k=top_k)
-                for token, _ in generate_step(mx.array(prompt), self.model, max_tokens=max_new_tokens, sampler=sampler):
+                processors = [_repetition_penalty(repetition_penalty)] if repetition_penalty != 1.0 else None
+                steps = generate_step(
+                    mx.array(prompt),
+                    self.model,
+                    max_tokens=max_new_tokens,
+                    sampler=sampler,
+                    logits_processors=processors,
+                )
+                for token, _ in steps:
                     token = int(token)
                     if token in stops:
                         break
@@ -479,3 +488,16 @@ class MlxBackend(Backend):
             figures["peak_device"] = float(mx.get_peak_memory())
             figures["device"] = float(mx.get_active_memory())
         return figures
+
+
+def _repetition_penalty(penalty: float):
+    """transformers' repetition penalty over every token seen (prompt and answer), for mlx-lm's generation
+    (mlx-lm's own looks at the last 20 tokens only): the same settings give the same answers on both backends."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        seen = mx.zeros((logits.shape[-1],), dtype=mx.bool_)
+        seen[tokens.reshape(-1)] = True
+        penalized = mx.where(logits < 0, logits * penalty, logits / penalty)
+        return mx.where(seen, penalized, logits)
+
+    return process

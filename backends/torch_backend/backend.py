@@ -519,6 +519,7 @@ class TorchBackend(Backend):
         stream: Callable[[int, int], None] | None = None,
         seeds: list[int] | None = None,
         temperatures: list[float] | None = None,
+        repetition_penalty: float = 1.0,
     ) -> list[list[int]]:
         from backends.torch_backend.generation import RowSampling, sample
 
@@ -529,6 +530,7 @@ class TorchBackend(Backend):
                 top_p=top_p,
                 top_k=top_k,
                 seed=seeds[index] if seeds else seed + index,
+                repetition_penalty=repetition_penalty,
             )
             for index in range(len(prompts))
         ]

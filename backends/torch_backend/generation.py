@@ -24,6 +24,7 @@ class RowSampling:
     top_p: float = 1.0
     top_k: int = 0  # 0: no limit
     seed: int = 0
+    repetition_penalty: float = 1.0  # > 1 discourages every token already in the prompt or the answer
 
 
 def _filtered_probs(logits: torch.Tensor, row: RowSampling) -> torch.Tensor:
@@ -76,8 +77,20 @@ def sample(
     logits = model(
         input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
     ).logits[:, -1, :]
+    penalties = torch.tensor([row.repetition_penalty for row in rows], dtype=torch.float32, device=device)[:, None]
+    penalize = bool((penalties != 1.0).any())
+    if penalize:  # the tokens each row has seen: its prompt, then what it generates
+        seen = torch.zeros((count, logits.shape[-1]), dtype=torch.bool, device=device)
+        for index, prompt in enumerate(prompts):
+            seen[index, torch.tensor(prompt, dtype=torch.long, device=device)] = True
     for _ in range(max_new_tokens):
-        chosen = _choose(logits.float(), rows, generators, done)
+        scores = logits.float()
+        if penalize:  # as transformers does: a seen token's logit is divided by the penalty (multiplied if < 0)
+            penalized = torch.where(scores < 0, scores * penalties, scores / penalties)
+            scores = torch.where(seen, penalized, scores)
+        chosen = _choose(scores, rows, generators, done)
+        if penalize:
+            seen[torch.arange(count, device=device), torch.tensor(chosen, device=device)] = True
         for index, token in enumerate(chosen):
             if done[index]:
                 continue
