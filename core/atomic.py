@@ -38,7 +38,8 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once, at import: changing the umask to read it is not thread-safe
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a new or renamed file) durable."""
     with contextlib.suppress(OSError):  # not every file system lets a folder be opened for fsync
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -74,7 +75,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             temp.unlink()
         raise _disk_error(path, exc) from None
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -112,7 +113,7 @@ def atomic_directory(final: str | Path, *, replace: bool = False) -> Iterator[Pa
                 os.chmod(file, mode)
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
-        _fsync_dir(temp)
+        fsync_dir(temp)
         faults.reach("dir.rename")
         if final.exists():
             if not replace:
@@ -126,7 +127,7 @@ def atomic_directory(final: str | Path, *, replace: bool = False) -> Iterator[Pa
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(temp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except OSError as exc:
         shutil.rmtree(temp, ignore_errors=True)
         if isinstance(exc, FileExistsError):

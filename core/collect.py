@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from core import faults
+from core.atomic import fsync_dir
 from core.data.readers import read_rows
 from core.data.records import RECORDED_VERDICTS
 from core.errors import DataError
@@ -194,7 +195,7 @@ class JudgementsFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if created:
-            _fsync_folder(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def _load(self) -> None:
         if not self.path.exists():
@@ -282,16 +283,3 @@ def remaining(prompts: list[PromptItem], done: Counter[str]) -> Iterator[tuple[i
             left[prompt.key] -= 1
             continue
         yield index, prompt
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
