@@ -362,14 +362,20 @@ def train(
     stream = micro_batches(data, config, state.epoch, state.batch_in_epoch)
     batches_per_epoch, _ = schedule_length(len(data.train), config, collective.world_size)
     step_seconds: float | None = None
+    saved_step = state.step  # a fresh run has nothing to save at step 0; a resumed one starts at a checkpoint
     # under torchrun, decisions are taken together: a rank that got SIGTERM stops the others with it
-    while state.step < state.total_steps and not collective.any(control.stop_requested):
+    while state.step < state.total_steps:
+        if collective.any(control.stop_requested):
+            # a stop that arrived after the last step's save decision still leaves that step saved
+            if state.step != saved_step:
+                save_step(backend, state, run_dir, tc.keep_checkpoints, collective, emit, metrics_offset)
+            break
         if control.paused:
             emit(Paused(step=state.step, message=f"paused at step {state.step}"))
             control.wait_while_paused()
             emit(Resumed(step=state.step, message=f"resumed at step {state.step}"))
             if control.stop_requested:
-                break
+                continue  # the loop's head saves and stops
         with control.step_lock:
             started = time.perf_counter()
             lr = learning_rate(state.step, total_steps=state.total_steps, peak=tc.lr, warmup=warmup, kind=tc.schedule)
@@ -391,4 +397,5 @@ def train(
             save_now = collective.any(control.take_save_request() or control.stop_requested)
             if (tc.save_every and state.step % tc.save_every == 0) or last or save_now:
                 save_step(backend, state, run_dir, tc.keep_checkpoints, collective, emit, metrics_offset)
+                saved_step = state.step
     return state

@@ -3,7 +3,7 @@
 python scripts/cuda_check_parts.py record PARTS NAME RC SECONDS NOTE [FIGURES.json]
 python scripts/cuda_check_parts.py run-figures RUN_ROOT OUT.json     (a core.run run: its metrics.jsonl)
 python scripts/cuda_check_parts.py junit JUNIT.xml OUT.json          (a pytest run)
-python scripts/cuda_check_parts.py has-workload NAME                 (exit 0 when bench has it)
+python scripts/cuda_check_parts.py has-workload NAME                 (exit 0 when bench has it and its model is here)
 python scripts/cuda_check_parts.py summary PARTS OUT.json
 """
 
@@ -81,9 +81,18 @@ def junit(path: Path, out: Path) -> None:
 
 
 def has_workload(name: str) -> int:
+    """0 when bench has the workload and its model is available on this machine (a real model's weights may
+    be too large to travel to a GPU machine that reaches no registry)."""
     from bench.workloads import WORKLOADS
+    from models.registry import RECOMMENDED, availability
 
-    return 0 if name in WORKLOADS else 1
+    if name not in WORKLOADS:
+        return 1
+    model = RECOMMENDED.get(WORKLOADS[name].model or "")
+    if model is not None and availability(model) != "ready":
+        print(f"{name}: {availability(model)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def summary(parts: Path, out: Path) -> None:

@@ -206,6 +206,38 @@ def test_resume_refuses_changed_data_and_finished_runs(tmp_path: Path) -> None:
         run(resume=first.run_dir, overrides=["objective.beta=0.3"], console=quiet())
 
 
+class LateStop(RunControl):
+    """A stop that lands just after step 2's save decision was taken (after its last look at the stop flag):
+    the window a signal can hit between two steps."""
+
+    steps_seen = 0
+    armed = False
+
+    def take_save_request(self) -> bool:
+        self.armed = self.steps_seen == 2 and not super().stop_requested
+        return super().take_save_request()
+
+    @property
+    def stop_requested(self) -> bool:
+        if self.armed:  # the save decision reads "no stop"; the signal comes right after
+            self.armed = False
+            self.request_stop("late signal")
+            return False
+        return super().stop_requested
+
+
+def test_a_stop_after_the_save_decision_still_saves_that_step(tmp_path: Path) -> None:
+    control = LateStop()
+
+    def count(event: dict) -> None:
+        if event["type"] == "train":
+            control.steps_seen = event["step"]
+
+    result = run(quick_config(tmp_path, train={"max_steps": 6}), console=quiet(), control=control, callback=count)
+    assert result.stopped and result.state.step == 2
+    assert [p.name for p in (result.run_dir / "checkpoints").glob("step-*")] == ["step-00000002"]
+
+
 def test_the_saved_config_uses_absolute_paths(tmp_path: Path, monkeypatch) -> None:
     config = quick_config(tmp_path, train={"max_steps": 1})
     monkeypatch.chdir(tmp_path)
