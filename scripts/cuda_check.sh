@@ -140,7 +140,7 @@ smollm=0
 if "${parts_py[@]}" has-workload smollm2-135m 2>>"$out/env.log"; then
     smollm=1
 fi
-run bench-qwen $((smollm ? 190 : 240)) "$python" -m bench "${bench_qwen[@]}" --variants duet-torch,trl,trl-liger \
+run bench-qwen $((smollm ? 220 : 270)) "$python" -m bench "${bench_qwen[@]}" --variants duet-torch,duet-torch-gc,trl,trl-liger \
     --timeout $((smollm ? 60 : 75)) --json "$work/bench-qwen.json"
 record bench-qwen "pairs/s over the whole run (prep, reference, steps); MFU of the dense bf16 peak" \
     "$work/bench-qwen.json"

@@ -7,6 +7,7 @@ bf16, fp32 on CPU and MPS.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -298,8 +299,13 @@ class TorchBackend(Backend):
         frozen = [name for name, p in self._logps_module.named_parameters() if not p.requires_grad]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self._logps_module, frozen)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        # buffers (rotary frequencies) are the same on every rank: no need to sync them each forward
-        self._ddp = DistributedDataParallel(self._logps_module, device_ids=device_ids, forward_sync_buffers=False)
+        # buffers (rotary frequencies) are the same on every rank: no need to sync them each forward. torch 2.13
+        # names that forward_sync_buffers (broadcast_buffers is deprecated there); older releases lack it.
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+            no_buffer_sync = {"forward_sync_buffers": False}
+        else:
+            no_buffer_sync = {"broadcast_buffers": False}
+        self._ddp = DistributedDataParallel(self._logps_module, device_ids=device_ids, **no_buffer_sync)
 
     def _parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
