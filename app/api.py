@@ -5,6 +5,8 @@ or a backend. Every name here is a stable entry point; the modules behind it may
 - prepare and inspect: `load_config`, `config_from_dict`, `apply_override`, `resolve_config`,
   `absolute_paths`, `resolve_data_source`, `load_preferences`, `inspect_data`
 - train: `run` (a whole run: data, reference, training, export), `RunControl` (pause, stop, save now)
+- evaluate: `evaluate` (duet eval: tuned vs base, the report in RUN/eval), `compare`, `read_report`,
+  `render_markdown`, `open_blind_session` (a person's blind A/B in the Collect screen)
 - export: `export` (a folder: peft, mlx, merged; or a .gguf file), `EXPORT_FORMATS`
 - models: `RECOMMENDED` (the registry: usable by name offline), `availability`
 - backends and objectives: `backend_names`, `resolve_backend_name`, `create_backend`, `OBJECTIVES`,
@@ -17,6 +19,7 @@ from __future__ import annotations
 from app.backends import backend_names, create_backend, resolve_backend_name
 from app.collect import Answers, CollectSession, Tally, open_session, train_config_for
 from app.doctor import mlx_report, torch_report
+from app.evaluate import BLIND_FILE, EvalError, EvalResult, compare, evaluate, open_blind_session
 from app.exports import FORMATS as EXPORT_FORMATS
 from app.exports import export
 from app.run import RunResult, run
@@ -26,6 +29,7 @@ from core.collect import read_prompts
 from core.config import Config, apply_override, config_from_dict, load_config
 from core.data import load_preferences
 from core.errors import DuetError
+from core.evaluation.report import read_report, render_markdown
 from core.events import (
     CheckpointSaved,
     DemoReport,
@@ -59,6 +63,7 @@ from core.trainer import RunControl
 from models.registry import RECOMMENDED, availability
 
 __all__ = [
+    "BLIND_FILE",
     "EXPORT_FORMATS",
     "LOCK_FILE",
     "METRICS_FILE",
@@ -72,6 +77,8 @@ __all__ = [
     "DemoReport",
     "DiskError",
     "DuetError",
+    "EvalError",
+    "EvalResult",
     "Evaluation",
     "Event",
     "Failed",
@@ -96,8 +103,10 @@ __all__ = [
     "availability",
     "backend_names",
     "build_objective",
+    "compare",
     "config_from_dict",
     "create_backend",
+    "evaluate",
     "export",
     "format_duration",
     "inspect_data",
@@ -105,10 +114,13 @@ __all__ = [
     "load_preferences",
     "load_tokenizer",
     "mlx_report",
+    "open_blind_session",
     "open_session",
     "parse_events",
     "read_events",
     "read_prompts",
+    "read_report",
+    "render_markdown",
     "render_pair",
     "resolve_backend_name",
     "resolve_config",

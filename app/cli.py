@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
@@ -135,6 +136,86 @@ def _collect_with_judge(config, prompts: str | None, out: str, samples: int) -> 
     return 0
 
 
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="duet eval",
+        description="What training changed: the tuned model against its base on held-out prompts (a judge's win "
+        "rate with its interval, the win rate at equal length, KL from the base, lengths, degeneration), "
+        "written to RUN/eval (eval.json, eval.md, charts).",
+    )
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="a run folder, a checkpoint or an adapter folder; key=value overrides may follow (evaluation.samples=4)",
+    )
+    parser.add_argument("--prompts", help="held-out prompts (a text or JSON lines file); default: the run's eval split")
+    parser.add_argument("--base", help="compare against this run or adapter instead of the base model alone")
+    parser.add_argument("--judge", help="rule:FILE.py[:function] or model:PATH (default: the run's judge section)")
+    parser.add_argument("--checkpoints", action="store_true", help="also evaluate every checkpoint the run kept")
+    parser.add_argument("--compare", action="store_true", help="put the runs' reports side by side (no new evaluation)")
+    parser.add_argument("--out", help="write the report here instead of RUN/eval")
+    parser.add_argument("--tui", action="store_true", help="run it in the terminal UI's Eval screen")
+    parser.add_argument("--blind", action="store_true", help="judge tuned against base yourself, blind (terminal UI)")
+    return parser
+
+
+def _eval_main(argv: list[str]) -> int:
+    args = eval_parser().parse_intermixed_args(argv)
+    # runs and key=value overrides share the positionals: an override has "=" and is not a path
+    args.overrides = [r for r in args.runs if "=" in r and not Path(r).exists()]
+    args.runs = [r for r in args.runs if r not in args.overrides]
+    if not args.runs:
+        eval_parser().error("give a run folder (RUN) to evaluate")
+    try:
+        return _eval(args)
+    except DuetError as exc:
+        Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        return exc.exit_code
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from app.evaluate import compare, evaluate, headline
+    from core.events import Info
+    from core.metrics import ConsoleReporter
+
+    console = Console(soft_wrap=True)
+    if args.compare:
+        console.print(compare(args.runs), highlight=False, markup=False)
+        return 0
+    overrides = list(args.overrides)
+    if args.judge:
+        kind, _, target = args.judge.partition(":")
+        if kind not in ("rule", "model") or not target:
+            raise DuetError(f"--judge {args.judge!r}: give rule:path/to/rules.py or model:path/to/model.")
+        overrides += [f"judge.kind={kind}", f"judge.{kind}={target}"]
+    if len(args.runs) > 1 and (args.out or args.tui or args.blind):
+        raise DuetError("--out, --tui and --blind take one run; evaluate several runs without them.")
+    if args.tui or args.blind:
+        from tui.app import run_app
+
+        if args.blind:
+            return run_app(blind=(args.runs[0], overrides, args.prompts))
+        return run_app(evaluate=(args.runs[0], overrides, args.prompts, args.checkpoints))
+    reporter = ConsoleReporter(console)
+    try:
+        for source in args.runs:
+            result = evaluate(
+                source,
+                overrides=overrides,
+                prompts=args.prompts,
+                base=args.base,
+                checkpoints=args.checkpoints,
+                out=args.out,
+                emit=reporter,
+            )
+            reporter(Info(message=headline(result.report)))
+            reporter(Info(message=f"report: {result.folder}/eval.md"))
+    finally:
+        reporter.close()
+    return 0
+
+
 def _doctor(model: str | None = None) -> int:
     from app.doctor import doctor
 
@@ -208,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     tui.add_argument("--resume", metavar="RUN_DIR", help="resume an interrupted run and watch it train")
     tui.set_defaults(func=lambda args: _tui(config=args.config, resume=args.resume))
 
+    evaluation = commands.add_parser(
+        "eval", help="what training changed: win rate against the base, at equal length, KL, lengths", add_help=False
+    )
+    evaluation.add_argument("args", nargs=argparse.REMAINDER)
+    evaluation.set_defaults(func=lambda args: _eval_main(args.args))
+
     collect = commands.add_parser(
         "collect",
         help="sample two answers per prompt and judge them (you, a rule or a model) into a file",
@@ -264,7 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASS_THROUGH = {"run": _run_main, "bench": _bench_main, "collect": _collect_main}  # commands with parsers of their own
+PASS_THROUGH = {
+    "run": _run_main,
+    "bench": _bench_main,
+    "collect": _collect_main,
+    "eval": _eval_main,
+}  # commands with parsers of their own
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,7 @@ class AnswerSampler:
         self.backend, self.chat, self.sampling, self.adapter = backend, chat, sampling, adapter
         self.context = model_context(getattr(backend, "model_location", ""))
         self._lock = threading.Lock()  # one generation at a time on the backend
+        self.provenance_extra: dict[str, Any] = {}  # what a judgements line records beside the usual fields
 
     def prompt_ids(self, prompt: PromptItem) -> list[int]:
         ids = self.chat.prompt_ids(prompt.conversation)
@@ -410,7 +411,10 @@ class CollectSession:
             verdict,
             judge=self.judge_name,
             edited=edited,
-            provenance=provenance(self.config, self.sampler.backend, answers, adapter=self.sampler.adapter),
+            provenance={
+                **provenance(self.config, self.sampler.backend, answers, adapter=self.sampler.adapter),
+                **self.sampler.provenance_extra,
+            },
         )
         self.file.append(record)
         with self._lock:

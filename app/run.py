@@ -349,6 +349,31 @@ def _stopped(job: Job, state: TrainerState) -> RunResult:
     return RunResult(job.run_dir.path, None, job.emit.final_metrics(), state, stopped=True, events=job.emit.history)
 
 
+def _evaluate_at_end(job: Job, state: TrainerState) -> None:
+    """``evaluation.at_end``: the tuned model against the base on held-out prompts, with the backend the run
+    trained on; the report goes to RUN/eval. A failing evaluation does not fail the finished run."""
+    from app.evaluate import REPORT_FOLDER, Target, evaluate_loaded, headline, load_judge
+
+    if job.collective.world_size > 1:
+        job.emit(RunWarning(message=f"evaluation.at_end is skipped under torchrun: run `duet eval {job.run_dir.path}`"))
+        return
+    target = Target(job.cfg, job.run_dir.adapter_dir, job.run_dir.path, job.run_dir.path.name, state.step)
+    try:
+        result = evaluate_loaded(
+            job.backend,
+            job.data.chat,
+            job.cfg,
+            target,
+            judge=load_judge(job.cfg),
+            out=job.run_dir.path / REPORT_FOLDER,
+            emit=job.emit,
+        )
+    except DuetError as exc:
+        job.emit(RunWarning(message=f"the evaluation at the end failed: {exc}"))
+        return
+    job.emit(Info(message=f"{headline(result.report)}\nreport: {result.folder}/eval.md"))
+
+
 def _finished(job: Job, state: TrainerState) -> RunResult:
     """Rank 0 exports the adapter (the same on every rank) into the run directory; the others wait for it: a
     rank that tears its process group down while another still uses it can abort in gloo's teardown."""
@@ -373,6 +398,8 @@ def _finished(job: Job, state: TrainerState) -> RunResult:
     demo = demo_report_event(job.backend, job.data, emit) if job.cfg.data.train == "demo" and job.data.eval else None
     train = job.cfg.train
     sample_replies_event(job.backend, job.data, train.sample_replies, train.sample_max_new_tokens, emit)
+    if job.cfg.evaluation.at_end:
+        _evaluate_at_end(job, state)
     emit(
         Finished(
             step=state.step,

@@ -58,6 +58,7 @@ def absolute_paths(config: Config) -> Config:
         config.data.chat_template = local(config.data.chat_template) or config.data.chat_template
     config.rounds.prompts = local(config.rounds.prompts)
     config.rounds.eval_prompts = local(config.rounds.eval_prompts)
+    config.evaluation.prompts = local(config.evaluation.prompts)
     config.judge.model = local(config.judge.model)
     config.judge.template = local(config.judge.template)
     if config.judge.rule:  # path/to/rules.py or path/to/rules.py:function

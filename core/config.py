@@ -370,6 +370,25 @@ class RoundsConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    at_end: bool = option(False, "evaluate the tuned model against the base when training ends (duet eval RUN)")
+    prompts: str | None = option(None, "held-out prompts to answer (a text or JSON lines file); null: the eval split's")
+    max_prompts: int = option(64, "at most this many held-out prompts (the first ones, in file order)")
+    samples: int = option(2, "answers per prompt from each model, sampled with the sampling section's settings")
+    greedy: bool = option(False, "one greedy answer per prompt from each model instead of samples")
+    kl_samples: int = option(2, "answers per prompt sampled at temperature 1 to estimate KL from the base")
+    examples: int = option(4, "prompts shown with both answers in the report")
+
+    def validate(self) -> None:
+        _positive("evaluation.max_prompts", self.max_prompts)
+        _positive("evaluation.samples", self.samples)
+        if self.kl_samples < 0:
+            raise ConfigError(f"evaluation.kl_samples must be ≥ 0 (0: no KL estimate), got {self.kl_samples}.")
+        if self.examples < 0:
+            raise ConfigError(f"evaluation.examples must be ≥ 0, got {self.examples}.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata=about("the base model and where it runs"))
     data: DataConfig = field(default_factory=DataConfig, metadata=about("the preference data and how it is tokenized"))
@@ -387,10 +406,13 @@ class Config:
     rounds: RoundsConfig = field(
         default_factory=RoundsConfig, metadata=about("iterative rounds: sample, judge, train, evaluate")
     )
+    evaluation: EvaluationConfig = field(
+        default_factory=EvaluationConfig, metadata=about("what training changed: tuned against base (duet eval)")
+    )
 
     def validate(self) -> Config:
         sections = (self.model, self.data, self.lora, self.objective, self.train, self.sampling, self.judge)
-        for section in (*sections, self.rounds):
+        for section in (*sections, self.rounds, self.evaluation):
             section.validate()
         return self
 

@@ -1,0 +1,1 @@
+"""Evaluating what training changed: statistics and reports."""
