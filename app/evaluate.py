@@ -190,6 +190,7 @@ class AnswerCache:
 
     def key(
         self,
+        backend: str,
         model: str,
         adapter: str | Path | None,
         prompts: list[PromptItem],
@@ -199,6 +200,7 @@ class AnswerCache:
     ) -> str:
         return combine(
             "duet-eval-answers-v1",
+            backend,  # torch and MLX draw different answers from one seed
             self.fingerprint(model),
             self.fingerprint(adapter) if adapter else "no adapter",
             *[p.key for p in prompts],
@@ -345,7 +347,8 @@ class _Context:
         """``n`` answers per prompt with ``adapter_path`` loaded (None: the base model alone), from the cache
         when the same model, adapter, prompts and settings were answered before."""
         model = getattr(self.backend, "model_location", self.config.model.path)
-        key = self.cache.key(model, adapter_path, self.prompts, sampling, n, attempt)
+        # the backend too: torch and MLX draw different answers from one seed
+        key = self.cache.key(self.backend.name, model, adapter_path, self.prompts, sampling, n, attempt)
         cached = self.cache.get(key)
         if cached is not None:
             self.emit(Info(message=f"{label}: {len(self.prompts)} prompts' answers from the cache"))
@@ -561,7 +564,7 @@ def evaluate_loaded(
             "sampling": dataclasses.asdict(sampling),
             "kl_samples": evaluation.kl_samples,
             "judge": None if judge is None else judge.name,
-            "backend": config.model.backend,
+            "backend": backend.name,
         },
         "judge": judge_figures,
         "length_controlled": lc,

@@ -4,11 +4,12 @@
 # Parts, each with its own time limit, each going on when an earlier one failed:
 #   env        the GPU, the driver, python and package versions
 #   tests      tests/test_cuda.py (the cuda-marked tests)
-#   demo       the demo end to end on CUDA (python -m core.run model.device=cuda)
+#   demo       the demo end to end on CUDA (python -m core.run model.device=cuda), then duet eval on it
 #   torchrun   torchrun --nproc_per_node 1 -m core.run model.device=cuda
 #   bench-qwen duet bench on the Qwen2.5-0.5B shape, 8 pairs, max length 1024: duet-torch, trl, trl-liger
 #   bench-smollm the same on the real SmolLM2-135M, when bench/workloads.py has a workload smollm2-135m
-# OUT_DIR gets one log per part and summary.json (every part's status, seconds and figures): at most 7 files.
+# OUT_DIR gets one log per part, summary.json (every part's status, seconds and figures) and the demo's
+# evaluation report (demo-eval.json): at most 8 files.
 # Wheels and fixtures the machine cannot fetch come in .whl/ (scripts/cuda_wheels.sh fills it).
 #
 # CUDA_CHECK_DRY_RUN=1 runs every part on the CPU with tiny settings: the plumbing (arguments, JSON), not
@@ -123,8 +124,11 @@ run tests 150 "$python" -m pytest tests/test_cuda.py -m cuda -q -rs -p no:cachep
 record tests "$([ "$dry" = 1 ] && echo 'dry run: skipped without a GPU')" "$work/tests.json"
 
 # -- the demo end to end --------------------------------------------------------------------------------------
-run demo 60 "$python" -m core.run model.device=$device model.backend=torch "${steps[@]}" \
-    train.output_dir="$work/demo" train.cache_dir="$work/cache"
+# with duet eval at the end (the rule judge of the demo): generation, KL scoring and the report on the GPU
+run demo 90 "$python" -m core.run model.device=$device model.backend=torch "${steps[@]}" \
+    train.output_dir="$work/demo" train.cache_dir="$work/cache" evaluation.at_end=true judge.kind=rule \
+    judge.rule=models/demo/concise.py evaluation.prompts=models/demo/unseen_prompts.txt
+cp "$work"/demo/*/eval/eval.json "$out/demo-eval.json" 2>/dev/null
 "${parts_py[@]}" run-figures "$work/demo" "$work/demo.json"
 record demo "" "$work/demo.json"
 

@@ -267,6 +267,17 @@ def test_a_killed_evaluation_leaves_the_old_report_or_none(demo_run: Path, tmp_p
     assert read_report(out) == complete  # the old report, whole
 
 
+@pytest.mark.slow
+def test_the_mlx_backend_evaluates_the_same_run(demo_run: Path, tmp_path: Path) -> None:
+    """The torch run's adapter on MLX: its own answers (another sampler), the same direction of the figures."""
+    overrides = [*JUDGE, "model.backend=mlx", "evaluation.max_prompts=12", "evaluation.kl_samples=1"]
+    result = evaluate(demo_run, overrides=overrides, prompts=UNSEEN, out=tmp_path / "mlx")
+    report = result.report
+    assert report["settings"]["backend"] == "mlx"
+    assert report["judge"]["rate"] > 0.5 and report["kl"]["per_answer"] > 0
+    assert report["degeneration"]["tuned"]["mean_tokens"] < report["degeneration"]["base"]["mean_tokens"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A person's blind A/B
 
