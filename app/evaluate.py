@@ -455,7 +455,7 @@ def _pairs_figures(run_dir: Path | None, step: int | None) -> dict[str, Any] | N
         "reward_accuracy": last.get("eval_rewards/accuracies"),
         "margin": last.get("eval_rewards/margins"),
         "loss": last.get("eval_loss"),
-        "margins": last.get("margins"),
+        "margins": last.get("eval_margins"),
     }
 
 

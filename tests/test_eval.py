@@ -229,7 +229,9 @@ def test_the_demo_evaluation_shows_what_training_changed(demo_run: Path, capsys)
     assert kls[0] < kls[1] < kls[2], kls  # the policy drifts further from the base as training goes on
     assert report["checkpoints"][-1]["kl"]["per_answer"] == pytest.approx(kl["per_answer"])
     files = {p.name for p in (demo_run / "eval").iterdir()}
-    assert {"eval.json", "eval.md", "answers.jsonl", "lengths.png", "win_rates.png", "checkpoints.png"} <= files
+    expected = {"eval.json", "eval.md", "answers.jsonl", "lengths.png", "win_rates.png", "checkpoints.png"}
+    assert expected | {"margins.png"} <= files
+    assert report["pairs"]["reward_accuracy"] > 0.8 and len(report["pairs"]["margins"]) > 10
     markdown = (demo_run / "eval" / "eval.md").read_text()
     assert f"{judge['rate']:.2f} [{judge['low']:.2f}, {judge['high']:.2f}]" in markdown
     assert "win rate" in first and "KL from the base" in first
