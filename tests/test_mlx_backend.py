@@ -112,7 +112,7 @@ def test_sequence_logps_agree_with_torch(backends, pair_batches) -> None:
             )
 
 
-@pytest.mark.parametrize("name", ["dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft"])
+@pytest.mark.parametrize("name", ["dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft", "orpo"])
 def test_loss_and_every_metric_agree_with_torch(backends, pair_batches, name: str) -> None:
     torch_backend, mlx_backend = backends
     objective = build_objective(ObjectiveConfig(name=name, label_smoothing=0.1 if name == "dpo" else 0.0))
@@ -123,7 +123,7 @@ def test_loss_and_every_metric_agree_with_torch(backends, pair_batches, name: st
     assert ours.metrics.keys() == theirs.metrics.keys()
     # rewards: β · (log πθ - log πref), per token for dpo_norm and ipo; SimPO and SFT: (β ·) log πθ per token
     logps = np.concatenate([reference, torch_backend.sequence_logps(batch)])
-    per = int(batch.response_lengths.min()) if name in ("dpo_norm", "ipo", "simpo", "sft") else 1
+    per = int(batch.response_lengths.min()) if name in ("dpo_norm", "ipo", "simpo", "sft", "orpo") else 1
     beta = objective.beta if hasattr(objective, "beta") else 1.0
     for key, value in theirs.metrics.items():
         assert ours.metrics[key] == pytest.approx(value, **metric_bounds(key, 1e-4, beta, logps, per)), key

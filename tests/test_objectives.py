@@ -33,6 +33,8 @@ CASES = [
     ("ipo", {"beta": 0.1}),
     ("hinge", {"beta": 0.1}),
     ("sft", {}),
+    ("orpo", {"beta": 0.1}),
+    ("orpo", {"beta": 0.5}),
 ]
 CASE_IDS = [f"{name}-{'-'.join(f'{k}{v}' for k, v in params.items())}" for name, params in CASES]
 
@@ -54,9 +56,10 @@ def random_inputs(seed: int, pairs: int = 64) -> dict[str, np.ndarray]:
     rejected_lengths = rng.integers(1, 300, pairs).astype(np.float64)
     ref_chosen = -chosen_lengths * rng.uniform(0.2, 3.0, pairs)
     ref_rejected = -rejected_lengths * rng.uniform(0.2, 3.0, pairs)
+    # a log-probability is < 0: a sequence's is capped at −0.001 (ORPO's log(1 − P) needs P < 1)
     return {
-        "policy_chosen": ref_chosen + rng.normal(0, 8, pairs),
-        "policy_rejected": ref_rejected + rng.normal(0, 8, pairs),
+        "policy_chosen": np.minimum(ref_chosen + rng.normal(0, 8, pairs), -1e-3),
+        "policy_rejected": np.minimum(ref_rejected + rng.normal(0, 8, pairs), -1e-3),
         "chosen_lengths": chosen_lengths,
         "rejected_lengths": rejected_lengths,
         "reference_chosen": ref_chosen,
@@ -209,7 +212,7 @@ def test_gradients_match_finite_differences(backend: str, name: str, params: dic
 
 def test_every_objective_is_covered_and_says_whether_it_needs_a_reference() -> None:
     assert {name for name, _ in CASES} == set(OBJECTIVES)
-    assert {name for name, cls in OBJECTIVES.items() if cls.is_reference_free} == {"simpo", "sft"}
+    assert {name for name, cls in OBJECTIVES.items() if cls.is_reference_free} == {"simpo", "sft", "orpo"}
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch", "mlx"])
@@ -234,3 +237,49 @@ def test_reference_objectives_refuse_to_run_without_reference_logps() -> None:
     ones = np.ones(2)
     with pytest.raises(ValueError, match="needs reference log-probs"):
         evaluate(make_objective("dpo", {"beta": 0.1}), NumpyOps(), PolicyOutputs(ones, ones, ones, ones))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "mlx"])
+@pytest.mark.parametrize("mean_logp", [-1e-6, -1e-3, -0.5, -0.7, -40.0, -700.0])
+def test_orpo_is_exact_where_a_reply_is_almost_certain_or_almost_impossible(backend: str, mean_logp: float) -> None:
+    """P(y|x) = e^p̄ near 1 (p̄ → 0: log(1 − P) is a difference of nearly equal numbers) and near 0 (p̄ very
+    negative: 1 − P rounds to 1): log1mexp keeps full precision in both, values and gradients."""
+    ops, array, to_numpy = backend_ops(backend)
+    lengths = np.array([7.0, 3.0])
+    inputs = {
+        "policy_chosen": np.array([mean_logp, 2 * mean_logp]) * lengths,
+        "policy_rejected": np.array([3 * mean_logp, mean_logp / 2]) * lengths,
+        "chosen_lengths": lengths,
+        "rejected_lengths": lengths,
+        "reference_chosen": None,
+        "reference_rejected": None,
+    }
+    expected = reference_losses("orpo", **inputs, beta=0.1)
+    objective = make_objective("orpo", {"beta": 0.1})
+    out = PolicyOutputs(
+        *(array(inputs[k]) for k in ("policy_chosen", "policy_rejected", "chosen_lengths", "rejected_lengths"))
+    )
+    rtol, atol = VALUE_TOLERANCE[backend]
+    result = evaluate(objective, ops, out)
+    np.testing.assert_allclose(to_numpy(result.losses), expected["losses"], rtol=rtol, atol=atol)
+    for key in ("log_odds_ratio", "log_odds_chosen"):
+        np.testing.assert_allclose(to_numpy(result.metrics[key]), expected["metrics"][key], rtol=rtol, atol=atol)
+    if backend == "torch":
+        import torch
+
+        chosen = torch.tensor(inputs["policy_chosen"], dtype=torch.float64, requires_grad=True)
+        rejected = torch.tensor(inputs["policy_rejected"], dtype=torch.float64, requires_grad=True)
+        lengths_t = torch.tensor(lengths, dtype=torch.float64)
+        evaluate(objective, ops, PolicyOutputs(chosen, rejected, lengths_t, lengths_t)).loss.backward()
+        # central differences with a step relative to the value (p̄ = −1e-6 leaves little room)
+        step = 1e-3 * abs(mean_logp) * lengths.min()
+        expected_grads = finite_difference_grad("orpo", {"beta": 0.1}, inputs, 0.0, step=step)
+        np.testing.assert_allclose(chosen.grad.numpy(), expected_grads["policy_chosen"], rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(rejected.grad.numpy(), expected_grads["policy_rejected"], rtol=1e-5, atol=1e-9)
+
+
+def test_orpo_refuses_an_extra_nll_term() -> None:
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ORPO has its own NLL term"):
+        ObjectiveConfig(name="orpo", nll_weight=1.0).validate()

@@ -1,5 +1,6 @@
-"""``duet``: the terminal UI. Set up and train locally, watch a headless run (``duet watch RUN_DIR``), or
-collect preferences (``duet collect PROMPTS --out FILE``)."""
+"""``duet``: the terminal UI. Set up and train locally, watch a headless run (``duet watch RUN_DIR``),
+collect preferences (``duet collect PROMPTS --out FILE``), or evaluate a run (``duet eval RUN --tui``) and
+judge it blind (``duet eval RUN --blind``)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class DuetApp(App):
         watch: Path | None = None,
         resume: Path | None = None,
         collect: tuple[Config, str | None, str] | None = None,
+        evaluate: tuple[str, list[str], str | None, bool] | None = None,
+        blind: tuple[str, list[str], str | None] | None = None,
     ) -> None:
         super().__init__()
         self.initial_config = config
@@ -37,6 +40,8 @@ class DuetApp(App):
         self.watch = watch
         self.resume = resume
         self.collect = collect  # (config, prompts file or None, judgements file): open on the Collect screen
+        self.evaluate = evaluate  # (run, overrides, prompts file or None, checkpoints): open on the Eval screen
+        self.blind = blind  # (run, overrides, prompts file or None): open on the blind A/B
 
     def on_mount(self) -> None:
         from tui.dashboard import DashboardScreen
@@ -54,6 +59,16 @@ class DuetApp(App):
 
             self.sub_title = f"collecting into {self.collect[2]}"
             self.push_screen(CollectScreen(*self.collect))
+        elif self.evaluate is not None:
+            from tui.eval_view import EvalScreen
+
+            self.sub_title = f"evaluating {self.evaluate[0]}"
+            self.push_screen(EvalScreen(*self.evaluate))
+        elif self.blind is not None:
+            from tui.blind import BlindScreen
+
+            self.sub_title = f"blind A/B of {self.blind[0]}"
+            self.push_screen(BlindScreen(*self.blind))
         else:
             if self.initial_config is None:
                 from app.api import resolve_config
@@ -115,10 +130,17 @@ def run_app(
     resume: str | None = None,
     wait: bool = False,
     collect: tuple[Config, str | None, str] | None = None,
+    evaluate: tuple[str, list[str], str | None, bool] | None = None,
+    blind: tuple[str, list[str], str | None] | None = None,
 ) -> int:
+    """The TUI; returns the exit status (1: ``evaluate`` ended on an error and no report was shown)."""
     if collect is not None:  # `duet collect`: the config is resolved already (its file and key=value overrides)
         DuetApp(collect[0], collect=collect).run()
         return 0
+    if evaluate is not None or blind is not None:  # `duet eval RUN --tui` / `--blind`: the run's own config
+        app = DuetApp(evaluate=evaluate, blind=blind)
+        app.run()  # the blind A/B's tally is its parting message, printed once the terminal is back
+        return app.return_code or 0
     config, source = None, "the demo"
     if config_path is not None:
         from app.api import load_config

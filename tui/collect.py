@@ -175,6 +175,13 @@ class CollectScreen(Screen):
         Binding("pagedown", "scroll(10)", "page down", show=False),
         Binding("q", "quit", "quit"),
     ]
+    # What a screen on the same session says where the keys it offers differ (the blind A/B has no r, p, T),
+    # and whether answers show while they stream (the blind A/B waits: the side that streams first is the
+    # model generated first, which would give away which is which).
+    ALL_JUDGED: ClassVar[str] = ALL_JUDGED
+    ALL_JUDGED_HINT: ClassVar[str] = "every prompt is judged: p adds one, T trains on them"
+    RETRY_HINT: ClassVar[str] = "r tries again, s skips"
+    STREAMING: ClassVar[bool] = True
 
     def __init__(self, config: Config, prompts: str | None, out: str | Path) -> None:
         super().__init__()
@@ -183,15 +190,13 @@ class CollectScreen(Screen):
         self.failure: str | None = None
         self.updates = 0  # streamed updates received (the tests check generation ran while keys were pressed)
         self._dirty = False  # set from the generation thread; the UI thread redraws on its own clock
-        self._closed = False
+        self._gone = False  # not `_closed`: Textual's message pump has its own, and setting it early hangs the app
 
     # -- layout -----------------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="collect-prompt"):
-            model = self.config.model
-            loading = f"loading {model.path}" + (f" with the adapter {model.adapter}" if model.adapter else "") + "…"
-            yield Static(Text(loading, style="italic"), id="prompt-text")
+            yield Static(Text(self.loading_text(), style="italic"), id="prompt-text")
         with Horizontal(id="answers"):
             for pane in PANES:
                 with AnswerPane(id=f"{pane}-pane", classes="answer"):
@@ -201,6 +206,10 @@ class CollectScreen(Screen):
         keys = [(b.key_display or b.key, b.description) for b in self.BINDINGS if isinstance(b, Binding) and b.show]
         yield KeyLegend(keys, id="legend")
 
+    def loading_text(self) -> str:
+        model = self.config.model
+        return f"loading {model.path}" + (f" with the adapter {model.adapter}" if model.adapter else "") + "…"
+
     def on_mount(self) -> None:
         self.query_one("#left-pane").border_title = "1 · left"
         self.query_one("#right-pane").border_title = "2 · right"
@@ -208,7 +217,7 @@ class CollectScreen(Screen):
         self.set_interval(1 / REFRESH_HZ, self._sync)
 
     def on_unmount(self) -> None:
-        self._closed = True
+        self._gone = True
         if self.session is not None:
             self.session.close()
 
@@ -217,17 +226,21 @@ class CollectScreen(Screen):
     def _open(self) -> None:
         """Load the model and open the file (seconds): in a thread worker, the outcome posted back."""
         try:
-            session = open_session(self.config, self.prompts, self.out, on_update=self._updated)
+            session = self.open_session()
         except DuetError as exc:
             self.post_message(SessionFailed(str(exc)))
             return
         except Exception as exc:  # a backend failure: said on screen, not a traceback over the UI
             self.post_message(SessionFailed(f"{type(exc).__name__}: {exc}"))
             return
-        if self._closed:  # the screen went away while the model loaded
+        if self._gone:  # the screen went away while the model loaded
             session.close()
             return
         self.post_message(SessionOpened(session))
+
+    def open_session(self) -> CollectSession:
+        """The session this screen drives (loads the model: called in the thread worker)."""
+        return open_session(self.config, self.prompts, self.out, on_update=self._updated)
 
     def _updated(self, answers: Answers) -> None:
         """A token streamed in (the generation thread): only flag it; `_sync` redraws at REFRESH_HZ."""
@@ -236,7 +249,7 @@ class CollectScreen(Screen):
 
     @on(SessionOpened)
     def opened(self, message: SessionOpened) -> None:
-        if self._closed:
+        if self._gone:
             message.session.close()
             return
         self.session = message.session
@@ -264,17 +277,17 @@ class CollectScreen(Screen):
         tally.append(f"  → {self.out.name}")
         self.query_one("#tally", Static).update(tally)
         if answers is None:
-            self._set_prompt(Text(ALL_JUDGED, style="bold"))
+            self._set_prompt(Text(self.ALL_JUDGED, style="bold"))
             for pane in PANES:
                 self._set_pane(pane, "", "")
-            self.query_one("#collect-status", Static).update(Text(ALL_JUDGED, style="bold green"))
+            self.query_one("#collect-status", Static).update(Text(self.ALL_JUDGED, style="bold green"))
             return
         self._set_prompt(prompt_text(answers))
         state = "failed" if answers.error else "ready" if answers.done else "generating…"
         for pane in PANES:
-            text = pane_text(answers, pane)
+            text = pane_text(answers, pane) if answers.done or self.STREAMING else ""
             self._set_pane(pane, text, state if text or not answers.done else "empty answer")
-        self.query_one("#collect-status", Static).update(status_text(answers))
+        self.query_one("#collect-status", Static).update(status_text(answers, self.RETRY_HINT))
 
     def _set_prompt(self, text: Text) -> None:
         widget = self.query_one("#prompt-text", Static)
@@ -296,10 +309,10 @@ class CollectScreen(Screen):
             return None
         answers = self.session.current()
         if answers is None:
-            self.notify("every prompt is judged: p adds one, T trains on them", timeout=3)
+            self.notify(self.ALL_JUDGED_HINT, timeout=3)
             return None
         if done and answers.error:
-            self.notify("this pair failed to generate: r tries again, s skips it", severity="warning", timeout=3)
+            self.notify(f"this pair failed to generate: {self.RETRY_HINT}", severity="warning", timeout=3)
             return None
         if done and not answers.done:
             self.notify("still generating", timeout=1.5)
@@ -405,9 +418,9 @@ def prompt_text(answers: Answers) -> Text:
     return text
 
 
-def status_text(answers: Answers) -> Text:
+def status_text(answers: Answers, retry_hint: str = "r tries again, s skips") -> Text:
     if answers.error:
-        return Text(f"generation failed: {answers.error} — r tries again, s skips", style="bold red")
+        return Text(f"generation failed: {answers.error} — {retry_hint}", style="bold red")
     if not answers.done:
         return Text("generating…", style="italic")
     return Text("both answers ready: which is better?", style="green")

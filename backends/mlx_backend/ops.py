@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from core.objectives.ops import LOG1MEXP_FLOOR, MINUS_LN2
+
 
 class MlxOps:
     def log_sigmoid(self, x: mx.array) -> mx.array:
@@ -21,3 +23,7 @@ class MlxOps:
 
     def greater(self, a: mx.array, b: mx.array) -> mx.array:
         return (a > b).astype(a.dtype)
+
+    def log1mexp(self, x: mx.array) -> mx.array:
+        x = mx.minimum(x, -LOG1MEXP_FLOOR)
+        return mx.where(x > MINUS_LN2, mx.log(-mx.expm1(x)), mx.log1p(-mx.exp(x)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from core.objectives.ops import LOG1MEXP_FLOOR, MINUS_LN2
+
 
 class TorchOps:
     def log_sigmoid(self, x: torch.Tensor) -> torch.Tensor:
@@ -21,3 +23,8 @@ class TorchOps:
 
     def greater(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a > b).to(a.dtype)
+
+    def log1mexp(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clamp(max=-LOG1MEXP_FLOOR)
+        # both branches are finite for x < 0, so torch.where's gradient is too
+        return torch.where(x > MINUS_LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))

@@ -105,6 +105,10 @@ class Objective(ABC):
     def __call__(self, ops: ArrayOps, out: PolicyOutputs) -> tuple[Array, Array, Array]:
         """(losses, chosen_rewards, rejected_rewards), each shaped [B]."""
 
+    def metrics(self, ops: ArrayOps, out: PolicyOutputs) -> dict[str, Array]:
+        """Metrics of this objective's own (no gradient), added to (or replacing) the common ones."""
+        return {}
+
     @staticmethod
     def _reference(out: PolicyOutputs) -> tuple[Array, Array]:
         if out.reference_chosen_logps is None or out.reference_rejected_logps is None:
@@ -143,6 +147,7 @@ def evaluate(objective: Objective, ops: ArrayOps, out: PolicyOutputs, nll_weight
             "logps/rejected": ops.stop_gradient(ops.mean(out.rejected_logps)),
         }
     )
+    metrics.update(objective.metrics(ops, out))
     return ObjectiveResult(loss, losses, chosen_rewards, rejected_rewards, metrics)
 
 

@@ -12,6 +12,9 @@ import numpy as np
 
 Array = Any  # np.ndarray, torch.Tensor or mx.array
 
+MINUS_LN2 = -0.6931471805599453  # where log1mexp switches formula (Mächler, 2012)
+LOG1MEXP_FLOOR = 1e-7  # log1mexp's input is capped at −this: log(1 − e^−1e-7) ≈ −16.1, not −∞
+
 
 class ArrayOps(Protocol):
     def log_sigmoid(self, x: Array) -> Array:
@@ -27,6 +30,11 @@ class ArrayOps(Protocol):
 
     def greater(self, a: Array, b: Array) -> Array:
         """1.0 where a > b, else 0.0, in a's floating dtype."""
+
+    def log1mexp(self, x: Array) -> Array:
+        """log(1 − eˣ) for a log-probability x ≤ 0, stable near 0 and for very negative x (Mächler, 2012:
+        log(−expm1(x)) above −ln 2, log1p(−eˣ) below). x is first capped at −LOG1MEXP_FLOOR: a probability
+        of exactly 1 (a float32 average log-prob can round to 0) would give −∞."""
 
 
 class NumpyOps:
@@ -46,3 +54,8 @@ class NumpyOps:
 
     def greater(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (a > b).astype(np.result_type(a, np.float32))
+
+    def log1mexp(self, x: np.ndarray) -> np.ndarray:
+        x = np.minimum(x, -LOG1MEXP_FLOOR)
+        with np.errstate(divide="ignore", invalid="ignore"):  # np.where evaluates both branches
+            return np.where(x > MINUS_LN2, np.log(-np.expm1(x)), np.log1p(-np.exp(x)))

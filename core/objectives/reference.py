@@ -31,6 +31,7 @@ def reference_losses(
 ) -> dict[str, np.ndarray]:
     """Per-pair losses and rewards, the mean loss, and the metrics, all in float64."""
     pc, pr = np.float64(policy_chosen), np.float64(policy_rejected)
+    extra: dict[str, np.ndarray] = {}  # an objective's own metrics
     lc, lr = np.float64(chosen_lengths), np.float64(rejected_lengths)
     if name in ("dpo", "dpo_norm", "ipo", "hinge"):
         rc, rr = np.float64(reference_chosen), np.float64(reference_rejected)
@@ -48,6 +49,19 @@ def reference_losses(
     elif name == "simpo":
         chosen_rewards, rejected_rewards = beta * pc / lc, beta * pr / lr
         losses = _label_noise_loss(chosen_rewards - rejected_rewards - gamma, label_smoothing, False)
+    elif name == "orpo":  # Hong et al., 2024, eq. 6-7; λ is beta
+        mean_chosen, mean_rejected = pc / lc, pr / lr
+        # log(1 - e^x) straight from its definition, in float64 via expm1 (exact for the x ≤ 0 tested)
+        log_odds = (mean_chosen - np.log(-np.expm1(mean_chosen))) - (mean_rejected - np.log(-np.expm1(mean_rejected)))
+        chosen_rewards, rejected_rewards = beta * mean_chosen, beta * mean_rejected
+        losses = -mean_chosen - beta * _log_sigmoid(log_odds)
+        extra = {
+            "nll_loss": (-mean_chosen).mean(),
+            "log_odds_ratio": _log_sigmoid(log_odds).mean(),
+            "log_odds_chosen": log_odds.mean(),
+            "logps/chosen": mean_chosen.mean(),
+            "logps/rejected": mean_rejected.mean(),
+        }
     elif name == "sft":
         chosen_rewards, rejected_rewards = pc / lc, pr / lr
         losses = -pc / lc
@@ -69,6 +83,7 @@ def reference_losses(
             "logps/rejected": pr.mean(),
         }
     )
+    metrics.update(extra)
     return {
         "losses": losses,
         "chosen_rewards": chosen_rewards,
