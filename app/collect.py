@@ -184,6 +184,7 @@ def provenance(config: Config, backend: Any, answers: Answers, *, adapter: bool)
         "adapter": adapter_path,
         "adapter_fingerprint": _fingerprint(adapter_path, cache) if adapter_path else None,
         "sampling": dataclasses.asdict(config.sampling),
+        "generation_dtype": getattr(backend, "generation_dtype", None),  # what sampling.precision resolved to
         "seeds": answers.seeds,
         "temperatures": answers.temperatures,
         "attempt": answers.attempt,

@@ -77,20 +77,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="sampling.precision (Duet's side)"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = resolve_config(None, [f"model.path={args.model}", "model.backend=torch"])
+    overrides = [f"model.path={args.model}", "model.backend=torch", f"sampling.precision={args.precision}"]
+    config = resolve_config(None, overrides)
     backend = create_backend(config)
     backend.load_model(resolve_model(config.model.path), trust_remote_code=False)
     backend.attach_lora(config.lora)
     chat = ChatTokenizer(backend.tokenizer, config.data.chat_template)
     rows = [measure(backend, chat, int(b), args.tokens, args.repeats) for b in args.batches.split(",")]
     table = Table(
-        title=f"{args.model}: sampled tokens/s, {args.tokens} tokens a row, {torch.get_num_threads()} threads"
+        title=f"{args.model}: sampled tokens/s, {args.tokens} tokens a row, {torch.get_num_threads()} threads, "
+        f"Duet in {backend.generation_dtype} (sampling.precision={args.precision}), transformers in float32"
     )
     for column in ("batch", "Duet tok/s", "transformers generate tok/s", "Duet / transformers"):
         table.add_column(column, justify="right")

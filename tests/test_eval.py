@@ -313,22 +313,26 @@ def test_a_persons_blind_verdicts_become_the_human_win_rate(demo_run: Path, tmp_
     overrides = ["sampling.max_new_tokens=16", "evaluation.max_prompts=4"]
     session = open_blind_session(run_copy, overrides=overrides, prompts=UNSEEN, ahead=1)
     session.start()
-    verdicts = ["a", "a", "b", "tie"]
+    pressed, expected = ["a", "a", "b", "tie"], []
     try:
-        for verdict in verdicts:
+        for verdict in pressed:
             deadline = time.monotonic() + 60
             while not session.current().done:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
+            tuned, base = session.current().texts
+            expected.append("tie" if tuned == base else verdict)  # the same answer twice is recorded as a tie
             record = session.judge(verdict)
             assert record is not None and record["duet"]["sides"] == {"a": "tuned", "b": "base"}
     finally:
         session.close()
     with JudgementsFile(blind_file(resolve_target(run_copy))) as file:
         records = list(file.records)
-    assert [r["duet"]["verdict"] for r in records] == verdicts
+    assert [r["duet"]["verdict"] for r in records] == expected
     human = human_figures(run_copy, records[0]["duet"]["adapter_fingerprint"])
-    assert human is not None and human["n"] == 4 and human["rate"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    score = {"a": 1.0, "b": 0.0, "tie": 0.5}
+    assert human is not None and human["n"] == 4
+    assert human["rate"] == pytest.approx(sum(score[v] for v in expected) / 4)
     result = evaluate(run_copy, overrides=[*overrides, *JUDGE, "evaluation.kl_samples=0"], prompts=UNSEEN)
     assert result.report["human"]["n"] == 4
 

@@ -138,3 +138,47 @@ def test_mlx_greedy_equals_torch_greedy_on_the_same_weights(torch_demo) -> None:
     penalized = {**settings, "repetition_penalty": 3.0}
     assert mlx_backend.generate(prompts, **penalized) == torch_backend.generate(prompts, **penalized)
     assert torch_backend.generate(prompts, **penalized) != torch_backend.generate(prompts, **settings)
+
+
+def test_bf16_generation_merges_the_adapter_and_follows_its_weights(torch_demo) -> None:
+    """sampling.precision=bfloat16: greedy answers equal transformers' greedy generate on a bf16 model into
+    which PEFT merged the same adapter (adapter on), or the bf16 base (off); the copy is kept while the
+    adapter's weights stay the same and rebuilt when they change; sampled rows still depend on their seed only."""
+    import copy
+
+    backend, chat = torch_demo
+    fast = copy.copy(backend)  # the same model and adapter, its own cache of generation copies
+    fast.generation_precision, fast._generation_models = "bfloat16", {}
+    prompts = _prompts(chat)
+    for adapter in (True, False):
+        ours = fast.generate(prompts, max_new_tokens=20, adapter=adapter, stop_ids=chat.stop_ids, pad_id=chat.pad_id)
+        reference = copy.deepcopy(backend.model)
+        reference = (reference.merge_and_unload() if adapter else reference.unload()).to(torch.bfloat16).eval()
+        for prompt, mine in zip(prompts, ours, strict=True):
+            with torch.no_grad():
+                theirs = reference.generate(
+                    input_ids=torch.tensor([prompt]),
+                    attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+                    max_new_tokens=20,
+                    do_sample=False,
+                    eos_token_id=chat.stop_ids,
+                    pad_token_id=chat.pad_id,
+                )[0, len(prompt) :].tolist()
+            cut = next((i for i, t in enumerate(theirs) if t in chat.stop_ids), len(theirs))
+            assert mine == theirs[:cut]
+    assert fast.generation_dtype == "bfloat16"
+    kept = fast.generation_model(True)
+    assert fast.generation_model(True) is kept  # unchanged weights: the same copy
+    settings = {"max_new_tokens": 12, "temperature": 1.0, "stop_ids": chat.stop_ids, "pad_id": chat.pad_id}
+    before = fast.generate(prompts, seeds=[1, 2, 3, 4], **settings)
+    assert fast.generate(prompts, seeds=[1, 2, 3, 4], **settings) == before
+    assert [fast.generate([p], seeds=[s], **settings)[0] for p, s in zip(prompts, [1, 2, 3, 4], strict=True)] == before
+    lora_b = next(p for n, p in backend.model.named_parameters() if "lora_B" in n)
+    saved = lora_b.detach().clone()
+    try:
+        with torch.no_grad():
+            lora_b.add_(0.5)  # what an optimizer step does: in place
+        assert fast.generation_model(True) is not kept
+    finally:
+        with torch.no_grad():
+            lora_b.copy_(saved)

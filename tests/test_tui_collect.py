@@ -37,7 +37,9 @@ PROMPTS = [
 
 
 def collect_config(tmp_path: Path, *overrides: str) -> Config:
-    return resolve_config(None, ["sampling.max_new_tokens=24", f"train.cache_dir={tmp_path / 'cache'}", *overrides])
+    # float32, exact: the snapshots then hold on a CPU without native bf16 too (auto would pick per machine)
+    settings = ["sampling.max_new_tokens=24", "sampling.precision=float32", f"train.cache_dir={tmp_path / 'cache'}"]
+    return resolve_config(None, [*settings, *overrides])
 
 
 def collect_app(tmp_path: Path, *overrides: str, prompts: list[str] = PROMPTS) -> tuple[DuetApp, Path]:

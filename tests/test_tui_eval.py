@@ -33,6 +33,8 @@ EVAL_SETTINGS = [
     "evaluation.samples=1",
     "evaluation.kl_samples=1",
     "sampling.max_new_tokens=24",
+    # float32, exact: the snapshots then hold on a CPU without native bf16 too (auto would pick per machine)
+    "sampling.precision=float32",
 ]
 OVERRIDES = [f"judge.rule={RULE}", *EVAL_SETTINGS]
 SIZES = [(80, 24), (120, 40)]

@@ -22,6 +22,7 @@ def create(config: Config, collective: Collective, device: str | None) -> Backen
         gradient_checkpointing=config.model.gradient_checkpointing,
         chunk_size=config.model.logprob_chunk_size,
         share_prompts=config.model.share_prompts,
+        generation_precision=config.sampling.precision,
     )
 
 

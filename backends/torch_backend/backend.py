@@ -7,6 +7,7 @@ bf16, fp32 on CPU and MPS.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import warnings
 from collections.abc import Callable
@@ -73,6 +74,23 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
         # native bf16 only (Ampere and later): T4/V100 would emulate it slowly; they get fp16 with loss scaling
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16; Linux's /proc/cpuinfo says)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_generation_precision(choice: str, device: torch.device) -> str:
+    """``sampling.precision``: auto is bfloat16 on a CPU that does bf16 natively, else float32 (on a GPU the
+    model's own dtype, under autocast, already applies)."""
+    if choice != "auto":
+        return choice if device.type == "cpu" else "float32"
+    return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
 
 
 def block_linear_names(model: Any) -> list[str]:
@@ -186,8 +204,11 @@ class TorchBackend(Backend):
         naive_logits: bool = False,
         collective: Collective = SINGLE,
         share_prompts: bool | str = "auto",
+        generation_precision: str = "float32",
     ) -> None:
         self.share_prompts = share_prompts  # True, False or "auto": pack each prompt once
+        self.generation_precision = generation_precision  # "float32", "bfloat16" or "auto" (see generation_model)
+        self._generation_models: dict[bool, tuple[Any, Any]] = {}  # adapter on/off → (weights' key, model)
         self.collective = collective
         self._ddp: Any = None
         self._logps_module: Any = None
@@ -540,9 +561,10 @@ class TorchBackend(Backend):
             )
             for index in range(len(prompts))
         ]
-        with self._adapter_disabled(adapter), self._autocast():
+        model = self.generation_model(adapter)
+        with self._adapter_disabled(adapter) if model is self.model else contextlib.nullcontext(), self._autocast():
             return sample(
-                self.model,
+                model,
                 prompts,
                 rows,
                 max_new_tokens=max_new_tokens,
@@ -551,6 +573,37 @@ class TorchBackend(Backend):
                 device=self.device,
                 stream=stream,
             )
+
+    @property
+    def generation_dtype(self) -> str:
+        """The precision answers are sampled in here (what ``sampling.precision`` resolved to)."""
+        if resolve_generation_precision(self.generation_precision, self.device) == "bfloat16":
+            return "bfloat16"
+        return str(self.dtype).replace("torch.", "")
+
+    def generation_model(self, adapter: bool) -> Any:
+        """The model answers are sampled from. float32: the training model itself (the adapter switched on or
+        off). bfloat16 on a CPU: a bf16 copy with the adapter merged into its weights (or left out): a decoding
+        step reads every weight once, so half the bytes and no LoRA side-products make it about twice as fast
+        where the CPU multiplies bf16 natively (AMX, AVX512-BF16). The copy is rebuilt when the adapter's
+        weights change (a training step, a loaded adapter) and kept otherwise, one for each of on and off."""
+        if resolve_generation_precision(self.generation_precision, self.device) != "bfloat16":
+            return self.model
+        lora = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        key = tuple((id(p), p._version) for p in lora) if adapter else ("base",)
+        cached = self._generation_models.get(adapter)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._generation_models.pop(adapter, None)  # free the stale copy before building the next
+        copied = copy.deepcopy(self.model)
+        plain = copied.merge_and_unload() if adapter and hasattr(copied, "merge_and_unload") else copied
+        if not adapter and hasattr(copied, "unload"):
+            plain = copied.unload()
+        plain = plain.to(torch.bfloat16).eval()
+        for parameter in plain.parameters():
+            parameter.requires_grad_(False)
+        self._generation_models[adapter] = (key, plain)
+        return plain
 
     def info(self) -> BackendInfo:
         details: dict[str, Any] = {"torch": torch.__version__}
