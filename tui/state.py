@@ -32,6 +32,8 @@ TRAIN_SERIES = (
     "learning_rate",
     "grad_norm",
     "nll_loss",
+    "log_odds_ratio",
+    "log_odds_chosen",
 )
 LOG_KINDS = (
     "start",

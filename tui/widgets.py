@@ -221,6 +221,7 @@ def step_figures(latest: TrainStep, training: bool) -> list[Text]:
         ("loss", "loss", ".4f"),
         ("rewards/margins", "margin", ".3f"),
         ("rewards/accuracies", "acc", ".2f"),
+        ("log_odds_chosen", "log odds", ".3f"),  # ORPO's own: the chosen over the rejected reply, in log odds
     ):
         value = latest.metrics.get(key)
         if isinstance(value, (int, float)):

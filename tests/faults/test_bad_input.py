@@ -168,8 +168,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         r"objective\.label_smoothing must be in \[0, 0\.5\)",
     ),
     "an unknown objective": (
-        lambda t: train(t, "objective.name=orpo"),
-        r"objective\.name: 'orpo' is not allowed; choose one of dpo, dpo_norm",
+        lambda t: train(t, "objective.name=reinforce"),
+        r"objective\.name: 'reinforce' is not allowed; choose one of dpo, dpo_norm",
     ),
     "a YAML syntax error": (
         lambda t: ["run", "--config", str(yaml_config(t, "train:\n  lr: [1\n"))],
