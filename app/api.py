@@ -17,9 +17,10 @@ or a backend. Every name here is a stable entry point; the modules behind it may
 from __future__ import annotations
 
 from app.backends import backend_names, create_backend, resolve_backend_name
+from app.blind import BLIND_FILE, open_blind_session
 from app.collect import Answers, CollectSession, Tally, open_session, train_config_for
 from app.doctor import mlx_report, torch_report
-from app.evaluate import BLIND_FILE, EvalError, EvalResult, compare, evaluate, open_blind_session
+from app.evaluate import EvalError, EvalResult, compare, evaluate
 from app.exports import FORMATS as EXPORT_FORMATS
 from app.exports import export
 from app.run import RunResult, run

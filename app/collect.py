@@ -104,7 +104,9 @@ class AnswerSampler:
         self.fill_many([answers], on_update)
         return answers
 
-    def fill_many(self, batch: list[Answers], on_update: Callable[[Answers], None] | None = None) -> None:
+    def fill_many(
+        self, batch: list[Answers], on_update: Callable[[Answers], None] | None = None, *, adapter: bool | None = None
+    ) -> None:
         """Every answer of every prompt in ``batch`` sampled together, in one batch on the backend: each row
         with its own seed and temperature, so an answer is what it would be sampled alone. A prompt that
         cannot be answered (too long for the context) is marked with its error; the others go on."""
@@ -138,7 +140,7 @@ class AnswerSampler:
                     seeds=[answers.seeds[slot] for answers, slot in rows],
                     temperatures=[answers.temperatures[slot] for answers, slot in rows],
                     repetition_penalty=self.sampling.repetition_penalty,
-                    adapter=self.adapter,
+                    adapter=self.adapter if adapter is None else adapter,
                     stop_ids=self.chat.stop_ids,
                     pad_id=self.chat.pad_id,
                     stream=stream,

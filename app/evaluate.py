@@ -7,8 +7,9 @@ win rate at equal length, KL from the base on the tuned model's own samples, len
   a run; or one `evaluate` loads).
 - `evaluate` is the entry of ``duet eval RUN``; `compare` puts several runs' reports side by side.
 
-Answers are cached by model, adapter, prompts and sampling settings: evaluating again (another judge, a
-re-run) generates nothing.
+The answers themselves (generation, the cache, scoring for KL) are in `app.eval_answers`; a person's blind
+A/B in `app.blind`. Answers are cached by backend, model, adapter, prompts and sampling settings: evaluating
+again (another judge, a re-run) generates nothing.
 """
 
 from __future__ import annotations
@@ -23,26 +24,23 @@ from typing import Any
 
 import numpy as np
 
-from app.collect import Answers, AnswerSampler, build_judge, judge_model_loader
-from core.atomic import write_json
-from core.batching import collate
+from app.blind import BLIND_FILE
+from app.collect import AnswerSampler, build_judge, judge_model_loader
+from app.eval_answers import AnswerCache, AnswerSet, answer_logps, generate_answers, kl_sampling
 from core.collect import JudgementsFile, PromptItem, read_prompts
 from core.config import Config, SamplingConfig
 from core.errors import ConfigError, DataError, DuetError
 from core.evaluation.report import render_compare, write_report
 from core.evaluation.stats import degeneration, kl_from_samples, length_controlled_win_rate, win_rate
 from core.events import Event, Info
-from core.fingerprint import cache_root, combine, folder_fingerprint
+from core.fingerprint import cache_root
 from core.judges import Judge, ModelJudge, RuleJudge
 from core.metrics import read_metrics
 from core.progress import PhaseProgress
 from core.rundir import RunDirectory
-from core.tokenization import ChatTokenizer, TokenizedPair
+from core.tokenization import ChatTokenizer
 
 REPORT_FOLDER = "eval"
-BLIND_FILE = "blind-ab.jsonl"  # a person's blind A/B judgements of a run (the TUI's Eval screen writes it)
-CHUNK_PROMPTS = 8  # prompts whose answers are generated in one batch
-LOGPS_PAIRS = 8  # rows scored together for KL: 2 × this
 
 
 class EvalError(DuetError):
@@ -143,119 +141,6 @@ def held_out_prompts(config: Config, chat: ChatTokenizer, prompts: str | None) -
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Answers, cached
-
-
-@dataclass
-class AnswerSet:
-    """Every prompt's answers from one model: texts, token ids, and whether each ended before the limit."""
-
-    texts: list[list[str]]
-    tokens: list[list[list[int]]]
-    finished: list[list[bool]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def flat_tokens(self) -> list[list[int]]:
-        return [t for row in self.tokens for t in row]
-
-    def flat_finished(self) -> list[bool]:
-        return [f for row in self.finished for f in row]
-
-
-def kl_sampling(sampling: SamplingConfig) -> SamplingConfig:
-    """Plain sampling from the model's distribution (temperature 1, no truncation, no penalty): what an
-    unbiased Monte-Carlo estimate of KL(tuned ‖ base) needs."""
-    return dataclasses.replace(
-        sampling, temperature=1.0, second_temperature=None, top_p=1.0, top_k=0, repetition_penalty=1.0
-    )
-
-
-class AnswerCache:
-    """Answers kept under the cache folder, keyed by everything that decides them."""
-
-    def __init__(self, config: Config) -> None:
-        self.folder = cache_root(config.train.cache_dir) / "eval-answers"
-        self._fingerprints: dict[str, str] = {}
-        self._cache = cache_root(config.train.cache_dir)
-
-    def fingerprint(self, location: str | Path | None) -> str:
-        if not location or not Path(location).is_dir():
-            return str(location or "none")
-        key = str(location)
-        if key not in self._fingerprints:
-            self._fingerprints[key] = folder_fingerprint(key, self._cache)
-        return self._fingerprints[key]
-
-    def key(
-        self,
-        backend: str,
-        model: str,
-        adapter: str | Path | None,
-        prompts: list[PromptItem],
-        sampling: SamplingConfig,
-        n: int,
-        attempt: int,
-    ) -> str:
-        return combine(
-            "duet-eval-answers-v1",
-            backend,  # torch and MLX draw different answers from one seed
-            self.fingerprint(model),
-            self.fingerprint(adapter) if adapter else "no adapter",
-            *[p.key for p in prompts],
-            json.dumps(dataclasses.asdict(sampling), sort_keys=True),
-            str(n),
-            str(attempt),
-        )
-
-    def get(self, key: str) -> AnswerSet | None:
-        path = self.folder / f"{key[:32]}.json"
-        if not path.is_file():
-            return None
-        try:
-            return AnswerSet(**json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, TypeError):
-            return None  # a damaged entry is regenerated
-
-    def put(self, key: str, answers: AnswerSet) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_json(self.folder / f"{key[:32]}.json", answers.to_dict())
-
-
-def generate_answers(
-    sampler: AnswerSampler,
-    prompts: list[PromptItem],
-    n: int,
-    attempt: int,
-    progress: Callable[[int, int], None] | None = None,
-) -> AnswerSet:
-    """``n`` answers per prompt, each seeded by (sampling.seed, prompt, attempt, i): the same seeds for every
-    model compared (common random numbers: the comparison's noise is the models', not the draws')."""
-    limit = sampler.sampling.max_new_tokens
-    texts: list[list[str]] = []
-    tokens: list[list[list[int]]] = []
-    finished: list[list[bool]] = []
-    for start in range(0, len(prompts), CHUNK_PROMPTS):
-        chunk = [
-            sampler.start(p, start + i, k=n, attempt=attempt)
-            for i, p in enumerate(prompts[start : start + CHUNK_PROMPTS])
-        ]
-        for answers in chunk:  # start() draws alternating temperatures for a pair; every answer here uses the first
-            answers.temperatures = [sampler.sampling.temperature] * n
-        sampler.fill_many(chunk)
-        for answers in chunk:
-            if answers.error:
-                raise DataError(answers.error)
-            texts.append(list(answers.texts))
-            tokens.append([list(t) for t in answers.token_ids])
-            finished.append([len(t) < limit for t in answers.token_ids])
-        if progress is not None:
-            progress(min(start + CHUNK_PROMPTS, len(prompts)), len(prompts))
-    return AnswerSet(texts, tokens, finished)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Judging, KL
 
 
@@ -272,49 +157,6 @@ def judged_outcome(judge: Judge, prompt: str, tuned: str, base: str) -> float:
             judge.stats.inconsistent += 1
             return 0.5
     return {"a": 1.0, "b": 0.0}.get(first, 0.5)
-
-
-def answer_logps(
-    backend: Any,
-    chat: ChatTokenizer,
-    prompt_ids: list[list[int]],
-    answers: list[list[int]],
-    finished: list[bool],
-    *,
-    adapter: bool,
-) -> np.ndarray:
-    """log π(answer | prompt) of each answer, its end included: an answer that stopped did so on one of the
-    stop tokens, and the event "it ends here" has probability Σ over stop ids, so a finished answer scores
-    log π(y) + log Σ_s π(s | y) (exact, whichever stop token the sampler drew)."""
-    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
-    for index, (prompt, tokens, ended) in enumerate(zip(prompt_ids, answers, finished, strict=True)):
-        scored = [[*tokens, stop] for stop in chat.stop_ids] if ended else [tokens]
-        groups.setdefault(tuple(prompt), []).extend((index, t) for t in scored)
-    # a pair's two replies share its prompt: rows of one prompt go two by two (an odd one out is paired with
-    # itself and counted once)
-    pairs: list[TokenizedPair] = []
-    owners: list[tuple[int, int | None]] = []
-    for prompt, rows in groups.items():
-        prompt_array = np.array(prompt, dtype=np.int32)
-        for j in range(0, len(rows), 2):
-            first = rows[j]
-            second = rows[j + 1] if j + 1 < len(rows) else None
-            other = first if second is None else second
-            pairs.append(
-                TokenizedPair(
-                    len(pairs), prompt_array, np.array(first[1], dtype=np.int32), np.array(other[1], dtype=np.int32)
-                )
-            )
-            owners.append((first[0], None if second is None else second[0]))
-    totals = np.full(len(answers), -np.inf)
-    for start in range(0, len(pairs), LOGPS_PAIRS):
-        chunk = pairs[start : start + LOGPS_PAIRS]
-        values = np.asarray(backend.sequence_logps(collate(chunk, chat.pad_id), adapter=adapter), dtype=np.float64)
-        for k, (chosen, rejected) in enumerate(owners[start : start + LOGPS_PAIRS]):
-            totals[chosen] = np.logaddexp(totals[chosen], values[k])
-            if rejected is not None:
-                totals[rejected] = np.logaddexp(totals[rejected], values[len(chunk) + k])
-    return totals
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -422,7 +264,10 @@ def human_figures(run_dir: Path | None, adapter_fingerprint: str) -> dict[str, A
     scores = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
     outcomes, groups = [], []
     for meta in records:
-        if meta.get("adapter_fingerprint") not in (None, adapter_fingerprint[:16]) or meta["verdict"] not in scores:
+        if (
+            meta.get("adapter_fingerprint") not in (None, (adapter_fingerprint or "")[:16])
+            or meta["verdict"] not in scores
+        ):
             continue
         tuned_side = (meta.get("sides") or {"a": "tuned"}).get("a") == "tuned"
         score = scores[meta["verdict"]]
@@ -719,89 +564,3 @@ def compare(sources: Sequence[str | Path]) -> str:
         label = path.parent.parent.name if path.suffix == ".json" else path.name
         reports.append((label, json.loads(file.read_text(encoding="utf-8"))))
     return render_compare(reports)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# A person's blind A/B: tuned against base, sides hidden
-
-
-class PairedSampler(AnswerSampler):
-    """Answer "a" from the tuned model (adapter on), answer "b" from the base (adapter off), with the same
-    seed: the Collect screen shows them in random order, so a person judges them blind. Every line written
-    records which side was which (``sides``)."""
-
-    def __init__(self, backend: Any, chat: ChatTokenizer, sampling: SamplingConfig) -> None:
-        super().__init__(backend, chat, sampling, adapter=True)
-        self.provenance_extra = {"sides": {"a": "tuned", "b": "base"}, "blind_ab": True}
-
-    def fill_many(self, batch: list[Answers], on_update: Callable[[Answers], None] | None = None) -> None:
-        halves: list[tuple[Answers, Answers, Answers]] = []
-        for answers in batch:
-            answers.seeds = [answers.seeds[0], answers.seeds[0]]  # common random numbers: same seed, two models
-            answers.temperatures = [self.sampling.temperature] * 2
-            tuned, base = (
-                Answers(
-                    answers.prompt,
-                    answers.index,
-                    answers.attempt,
-                    [answers.seeds[0]],
-                    [answers.temperatures[0]],
-                    [""],
-                    [[]],
-                )
-                for _ in range(2)
-            )
-            halves.append((answers, tuned, base))
-
-        def merged(side: int) -> Callable[[Answers], None]:
-            def update(part: Answers) -> None:
-                for whole, tuned, base in halves:
-                    if part is (tuned, base)[side]:
-                        whole.texts[side], whole.token_ids[side] = part.texts[0], part.token_ids[0]
-                        whole.error = whole.error or part.error
-                        if on_update is not None and not part.done:
-                            on_update(whole)
-
-            return update
-
-        for side, adapter in ((0, True), (1, False)):
-            self.adapter = adapter
-            try:
-                super().fill_many([h[1 + side] for h in halves], merged(side))
-            finally:
-                self.adapter = True
-        for whole, tuned, base in halves:
-            whole.error = tuned.error or base.error
-            whole.done = True
-            whole.seconds = tuned.seconds + base.seconds
-            if on_update is not None:
-                on_update(whole)
-
-
-def blind_file(target: Target) -> Path:
-    return (target.run_dir if target.run_dir is not None else target.adapter) / BLIND_FILE
-
-
-def open_blind_session(
-    source: str | Path,
-    *,
-    overrides: Sequence[str] = (),
-    prompts: str | None = None,
-    on_update: Callable[[Answers], None] | None = None,
-    ahead: int = 4,
-) -> Any:
-    """The Collect screen's session for a blind A/B of a run: its held-out prompts, the tuned and the base
-    answer to each, a person's verdicts appended to ``RUN/blind-ab.jsonl`` (reopened: it resumes). The next
-    ``duet eval`` of the run reports the person's win rate. Loads the model: call it off the UI thread."""
-    from app.collect import CollectSession, load_sampler
-
-    target = resolve_target(source, overrides)
-    config = target.config
-    loaded = load_sampler(config, adapter=str(target.adapter), use_adapter=True)
-    items, _ = held_out_prompts(config, loaded.chat, prompts or config.evaluation.prompts)
-    sampler = PairedSampler(loaded.backend, loaded.chat, config.sampling)
-    file = JudgementsFile(blind_file(target))
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, adapter=str(target.adapter)))
-    return CollectSession(
-        sampler, items, file, config, judge_name="human (blind A/B)", ahead=ahead, on_update=on_update
-    )

@@ -25,8 +25,10 @@ import pytest
 import torch
 from rich.console import Console
 
+from app.blind import PairedSampler, blind_file, open_blind_session
 from app.cli import main as duet_main
-from app.evaluate import PairedSampler, answer_logps, blind_file, evaluate, human_figures, resolve_target
+from app.eval_answers import answer_logps
+from app.evaluate import evaluate, human_figures, resolve_target
 from app.run import run
 from backends.torch_backend.backend import TorchBackend
 from core.collect import JudgementsFile, read_prompts
@@ -306,8 +308,6 @@ def test_blind_ab_pairs_tuned_and_base_answers_with_one_seed(demo_run: Path) -> 
 
 
 def test_a_persons_blind_verdicts_become_the_human_win_rate(demo_run: Path, tmp_path: Path) -> None:
-    from app.evaluate import open_blind_session
-
     run_copy = tmp_path / "run"
     shutil.copytree(demo_run, run_copy, ignore=shutil.ignore_patterns("eval", "blind-ab.jsonl"))
     overrides = ["sampling.max_new_tokens=16", "evaluation.max_prompts=4"]
@@ -329,6 +329,8 @@ def test_a_persons_blind_verdicts_become_the_human_win_rate(demo_run: Path, tmp_
     with JudgementsFile(blind_file(resolve_target(run_copy))) as file:
         records = list(file.records)
     assert [r["duet"]["verdict"] for r in records] == expected
+    # every line names the tuned adapter, also while the next pair's base answer was generating
+    assert all(r["duet"]["adapter_fingerprint"] for r in records)
     human = human_figures(run_copy, records[0]["duet"]["adapter_fingerprint"])
     score = {"a": 1.0, "b": 0.0, "tie": 0.5}
     assert human is not None and human["n"] == 4
