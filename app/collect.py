@@ -197,12 +197,20 @@ def provenance(config: Config, backend: Any, answers: Answers, *, adapter: bool)
 _FINGERPRINTS: dict[str, str] = {}
 
 
-def _fingerprint(location: str | None, cache: Path) -> str | None:
+def weights_fingerprint(location: str | Path | None, cache: Path) -> str | None:
+    """The hash of a model or adapter folder's files (None: not a folder), hashed once per process: what a
+    judgement line and the evaluation's answer cache say the answers came from."""
     if not location or not Path(location).is_dir():
         return None
-    if location not in _FINGERPRINTS:
-        _FINGERPRINTS[location] = folder_fingerprint(location, cache)[:16]
-    return _FINGERPRINTS[location]
+    key = str(location)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = folder_fingerprint(key, cache)
+    return _FINGERPRINTS[key]
+
+
+def _fingerprint(location: str | None, cache: Path) -> str | None:
+    found = weights_fingerprint(location, cache)
+    return None if found is None else found[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from app.collect import AnswerSampler
+from app.collect import AnswerSampler, weights_fingerprint
 from core.atomic import write_json
 from core.batching import collate
 from core.collect import PromptItem
 from core.config import Config, SamplingConfig
 from core.errors import DataError
-from core.fingerprint import cache_root, combine, folder_fingerprint
+from core.fingerprint import cache_root, combine
 from core.tokenization import ChatTokenizer, TokenizedPair
 
 CHUNK_PROMPTS = 8  # prompts whose answers are generated in one batch
@@ -55,17 +55,12 @@ class AnswerCache:
     """Answers kept under the cache folder, keyed by everything that decides them."""
 
     def __init__(self, config: Config) -> None:
-        self.folder = cache_root(config.train.cache_dir) / "eval-answers"
-        self._fingerprints: dict[str, str] = {}
         self._cache = cache_root(config.train.cache_dir)
+        self.folder = self._cache / "eval-answers"
 
     def fingerprint(self, location: str | Path | None) -> str:
-        if not location or not Path(location).is_dir():
-            return str(location or "none")
-        key = str(location)
-        if key not in self._fingerprints:
-            self._fingerprints[key] = folder_fingerprint(key, self._cache)
-        return self._fingerprints[key]
+        """A folder's weights hash; anything else (a registry name) as it is."""
+        return weights_fingerprint(location, self._cache) or str(location or "none")
 
     def key(
         self,

@@ -241,8 +241,8 @@ def _judge_figures(judge: Judge, kind: str, outcomes: list[float], groups: list[
     stats = judge.stats
     consistency, both_orders = stats.consistency, True
     if isinstance(judge, RuleJudge):
-        if judge.kind == "prefer":
-            consistency = 1.0 - stats.inconsistent / max(1, len(outcomes))
+        if judge.kind == "prefer":  # asked twice per pair it judged (identical answers tie unasked)
+            consistency = 1.0 - stats.inconsistent / max(1, stats.judged // 2)
         else:  # a score rule scores each answer alone: the order cannot matter, so it is asked once
             kind, consistency, both_orders = "score rule", None, None
     return {
