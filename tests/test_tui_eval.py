@@ -115,7 +115,9 @@ async def evaluated(pilot) -> None:
     assert isinstance(screen, EvalScreen), type(screen)
     await wait_for(pilot, lambda: not screen.running and (screen.report is not None or screen.failure is not None))
     if screen.report is not None:
-        await wait_for(pilot, lambda: bool(screen.query("MarkdownTable")))
+        await wait_for(pilot, lambda: screen.laid_out is screen.report and bool(screen.query("MarkdownTable")))
+        log = screen.query_one("#eval-log")
+        await wait_for(pilot, lambda: log.scroll_y == log.max_scroll_y)
     await pilot.pause(0.2)
 
 

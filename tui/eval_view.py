@@ -142,6 +142,7 @@ class EvalScreen(Screen):
         super().__init__()
         self.source, self.overrides, self.prompts, self.checkpoints = str(source), list(overrides), prompts, checkpoints
         self.report: dict[str, Any] | None = None  # the report shown
+        self.laid_out: dict[str, Any] | None = None  # the report whose every block is mounted
         self.folder: Path | None = None  # where it is
         self.result: Any = None  # the last EvalResult of this screen
         self.failure: str | None = None  # the last evaluation's error, while no report replaced it
@@ -230,15 +231,15 @@ class EvalScreen(Screen):
     # -- what arrives -----------------------------------------------------------------------------------
 
     @on(ReportFound)
-    def found(self, message: ReportFound) -> None:
+    async def found(self, message: ReportFound) -> None:
         self.folder = message.folder
         if message.report is None:
             self.start()
             return
-        self._show_report(message.report)
         line = Text(f"the last evaluation's report, in {shown_path(message.folder)}", style="green")
         line.append(" — r evaluates again", style="default")
         self._progress(line)
+        await self._show_report(message.report)
 
     @on(EvalEvent)
     def event(self, message: EvalEvent) -> None:
@@ -252,15 +253,15 @@ class EvalScreen(Screen):
             self._show_activity()
 
     @on(EvalFinished)
-    def finished(self, message: EvalFinished) -> None:
+    async def finished(self, message: EvalFinished) -> None:
         self.running, self.result = False, message.result
         seconds = time.monotonic() - self._started
         folder = message.result.folder
         self.folder = folder or self.folder
-        self._show_report(message.result.report)
         where = f"written to {shown_path(folder)} (eval.md, charts, answers)" if folder else "not written"
         self._progress(Text(f"done: the report is {where}", style="green"))
         self.notify(f"the evaluation took {format_duration(seconds)}", timeout=4)
+        await self._show_report(message.result.report)
 
     @on(EvalFailed)
     def failed(self, message: EvalFailed) -> None:
@@ -282,12 +283,15 @@ class EvalScreen(Screen):
 
     # -- what is shown ----------------------------------------------------------------------------------
 
-    def _show_report(self, report: dict[str, Any]) -> None:
+    async def _show_report(self, report: dict[str, Any]) -> None:
         self.report = report
         self.add_class("has-report")
-        self._log_to_end()
         self.query_one("#eval-title", Static).update(self._title(report))
-        self.query_one("#report", Markdown).update(report_markdown(report))
+        # The Markdown widget mounts its blocks after update() returns; wait for them so that the log's
+        # scroll (its pane shrinks under a report) and anyone watching `laid_out` see the final layout.
+        await self.query_one("#report", Markdown).update(report_markdown(report))
+        self._log_to_end()
+        self.laid_out = report
 
     def _progress(self, text: Text) -> None:
         self.query_one("#eval-progress", Static).update(text)

@@ -73,3 +73,28 @@ def test_a_second_ctrl_c_quits_at_once_without_corrupting_anything(tmp_path: Pat
     resumed = duet("--resume", str(run_dir(tmp_path)), f"train.max_steps={newest + 2}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_intact(tmp_path)
+
+
+LATE_SECOND_SIGNAL = """
+import os, signal, time
+from app.signals import stop_on_signals
+from core.trainer import RunControl
+
+control = RunControl()
+with stop_on_signals(control, print, True):
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: the loop stops and saves
+    assert control.stop_requested
+os.kill(os.getpid(), signal.SIGINT)  # the second lands while the process winds down
+time.sleep(5)
+print("still running")
+"""
+
+
+def test_a_second_ctrl_c_after_the_last_save_still_quits_at_once() -> None:
+    """The second Ctrl-C can land after the run has left its loop; it must not become a finalizer's traceback."""
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_SECOND_SIGNAL], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "interrupted at once; the newest checkpoint is intact" in done.stderr
+    assert "Traceback" not in done.stderr and "still running" not in done.stdout
