@@ -182,3 +182,47 @@ def test_bf16_generation_merges_the_adapter_and_follows_its_weights(torch_demo) 
     finally:
         with torch.no_grad():
             lora_b.copy_(saved)
+
+
+def test_a_sliding_window_model_generates_as_transformers_does() -> None:
+    """Layers with a sliding window keep only their last window in the cache: the batch is then prefilled
+    padded, as transformers does, and greedy answers still equal ``generate`` one prompt at a time."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from backends.torch_backend.generation import _prefill_distinct, sample
+
+    config = Qwen2Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        use_sliding_window=True,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    prompts = [list(range(10, 30)), list(range(40, 52)), list(range(60, 87))]  # longer than the window
+    ours = sample(
+        model,
+        prompts,
+        [RowSampling()] * len(prompts),
+        max_new_tokens=10,
+        stop_ids=[],
+        pad_id=0,
+        device=torch.device("cpu"),
+    )
+    for prompt, mine in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            theirs = model.generate(
+                input_ids=torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+            )[0, len(prompt) :].tolist()
+        assert mine == theirs
+
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    assert _prefill_distinct(model, prompts, cache, 27, torch.device("cpu")) is None

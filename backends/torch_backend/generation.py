@@ -128,9 +128,13 @@ def _prefill_distinct(
     cost the prefill 2-4× the work it needs. None when the cache is not the layout this code fills (the
     caller then prefills the padded batch)."""
     from transformers import DynamicCache
+    from transformers.cache_utils import StaticLayer
 
     layers = getattr(cache, "layers", None)
-    if not layers or not all(hasattr(layer, "lazy_initialization") for layer in layers):
+    # Only plain full-attention layers hold a prompt's keys at the positions copied below: a sliding-window
+    # layer (Gemma-, Mistral-style) keeps a ring of its last window, and the unpadded run's cache would
+    # already be cut to that window.
+    if not layers or not all(type(layer) is StaticLayer and layer.max_cache_len >= width for layer in layers):
         return None
     rows_of: dict[tuple[int, ...], list[int]] = {}
     for index, prompt in enumerate(prompts):
