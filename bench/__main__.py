@@ -6,7 +6,10 @@ Variants: duet-torch (add -gc for gradient checkpointing, -unshared to compute e
 for full logits), duet-mlx (-gc, -unshared), trl (TRL's DPOTrainer with a PEFT LoRA config, its defaults),
 trl-precompute (precompute_ref_log_probs=True), trl-liger (TRL with use_liger_kernel=True: CUDA and the
 liger-kernel package; reported as unavailable without them). TRL comes with the `bench` extra. On a GPU that
-bench/flops.py knows (or with --peak-tflops), each row also gets its MFU.
+bench/flops.py knows (or with --peak-tflops), each row also gets its MFU. Thread variants: duet-torch takes
+model.threads=auto (OMP_NUM_THREADS in the environment wins over auto), duet-torch-threads1 one thread,
+duet-torch-threads-torch torch's own default (one a core). --background-load N runs N spinning processes
+beside every variant, for how it fares on a busy machine.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bench.background import background_load, describe
 from bench.flops import add_mfu, run_flops
 from bench.worker import chunk_setting
 from bench.workloads import WORKLOADS
@@ -88,6 +92,7 @@ def merge(rows: list[dict]) -> list[dict]:
                 "pairs_per_second",
                 "peak_resident",
                 "peak_device",
+                "tokens_per_second",
             ):
                 values = [r[key] for r in runs if r.get(key) is not None]
                 if values:
@@ -100,11 +105,13 @@ def peak(row: dict) -> float:
     return row.get("peak_device") or row["peak_resident"]
 
 
-def table(workload: str, rows: list[dict]) -> Table:
-    view = Table(title=f"{workload}: {WORKLOADS[workload].description}", title_justify="left")
+def table(workload: str, rows: list[dict], load: int = 0) -> Table:
+    title = f"{workload}: {WORKLOADS[workload].description}; background load: {describe(load)}"
+    view = Table(title=title, title_justify="left")
     steps = max((len(r["losses"]) for r in rows if "error" not in r), default=0)
     loss_steps = sorted({1, 2, steps} & set(range(1, steps + 1)))  # the first two and the last, once each
-    columns = ["variant", "device", "s/step (median)", "total s (prep+ref+steps)", "reference s", "pairs/s"]
+    columns = ["variant", "device", "threads", "s/step (median)", "total s (prep+ref+steps)", "reference s"]
+    columns += ["pairs/s", "tokens/s"]
     mfu = any(r.get("mfu") for r in rows)
     columns += ["peak memory"] + (["MFU"] if mfu else []) + [f"loss {step}" for step in loss_steps]
     for column in columns:
@@ -117,10 +124,12 @@ def table(workload: str, rows: list[dict]) -> Table:
         view.add_row(
             row["variant"],
             row["device"],
+            str(row.get("threads") or "-"),
             f"{row['seconds_per_step']:.2f}",
             f"{row['total_seconds']:.1f}",
             f"{row['reference_seconds']:.1f}",
             f"{row['pairs_per_second']:.3f}",
+            f"{row['tokens_per_second']:.0f}" if row.get("tokens_per_second") else "-",
             f"{peak(row) / GIB:.2f} GiB",
             *([f"{row['mfu']:.1%}" if row.get("mfu") else "-"] if mfu else []),
             *(f"{losses[step - 1]:.5f}" if step <= len(losses) else "-" for step in loss_steps),
@@ -169,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write every measurement to this file")
     parser.add_argument("--timeout", type=float, help="seconds one variant's measurement may take (default: no limit)")
     parser.add_argument(
+        "--background-load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N spinning processes (one busy core each) beside every variant while it is measured",
+    )
+    parser.add_argument(
         "--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (default: bench/flops.py's table)"
     )
     args = parser.parse_args(argv)
@@ -178,27 +194,36 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python "
         f"{platform.python_version()}; workload {args.workload}, {args.steps} steps, "
-        f"{args.repeats} round(s)",
+        f"{args.repeats} round(s); background load: {describe(args.background_load)}",
         highlight=False,
     )
     rows = []
     for _ in range(args.repeats):
         for variant in args.variants.split(","):
-            rows.append(
-                measure(
-                    args.workload, variant, args.steps, args.device, args.dtype, args.chunk, args.pairs, args.timeout
+            with background_load(args.background_load):  # started afresh for each variant, stopped after it
+                rows.append(
+                    measure(
+                        args.workload,
+                        variant,
+                        args.steps,
+                        args.device,
+                        args.dtype,
+                        args.chunk,
+                        args.pairs,
+                        args.timeout,
+                    )
                 )
-            )
             shown = rows[-1].get("error") or f"{rows[-1]['seconds_per_step']:.2f} s/step"
             console.print(f"  measured {variant}: {shown}", highlight=False, markup=False)
     merged = merge(rows)
     if any(r.get("gpu") for r in merged) or args.peak_tflops:
         add_mfu(merged, run_flops(WORKLOADS[args.workload], args.steps, args.pairs), args.peak_tflops)
-    console.print(table(args.workload, merged))
+    console.print(table(args.workload, merged, args.background_load))
     for line in comparisons(merged):
         console.print(line, highlight=False)
     if args.json:  # atomically: an interrupted benchmark never leaves half a results file
-        write_json(args.json, {"workload": args.workload, "steps": args.steps, "rows": rows, "merged": merged})
+        results = {"workload": args.workload, "steps": args.steps, "background_load": args.background_load}
+        write_json(args.json, {**results, "rows": rows, "merged": merged})
     return 0
 
 

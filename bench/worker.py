@@ -39,6 +39,8 @@ class Variant:
     settings: dict[str, Any] = field(default_factory=dict)
     # the torch backend's full-vocabulary log-prob path: a reference point for the kernel, no user setting
     full_logits: bool = False
+    # model.threads = torch's own default (one thread a core), what Duet ran with before model.threads existed
+    torch_default_threads: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -46,6 +48,8 @@ VARIANTS: dict[str, Variant] = {
     "duet-torch-gc": Variant("duet", {"model.backend": "torch", "model.gradient_checkpointing": True}),
     "duet-torch-naive": Variant("duet", {"model.backend": "torch"}, full_logits=True),
     "duet-torch-unshared": Variant("duet", {"model.backend": "torch", "model.share_prompts": False}),
+    "duet-torch-threads1": Variant("duet", {"model.backend": "torch", "model.threads": 1}),
+    "duet-torch-threads-torch": Variant("duet", {"model.backend": "torch"}, torch_default_threads=True),
     "duet-mlx": Variant("duet", {"model.backend": "mlx"}),
     "duet-mlx-gc": Variant("duet", {"model.backend": "mlx", "model.gradient_checkpointing": True}),
     "duet-mlx-unshared": Variant("duet", {"model.backend": "mlx", "model.share_prompts": False}),
@@ -176,6 +180,8 @@ def duet_config(workload: Workload, variant: Variant, steps: int, device: str, d
         "train.seed": 0,
         **variant.settings,
     }
+    if variant.torch_default_threads:
+        settings["model.threads"] = torch_default_threads()
     if settings["model.backend"] == "mlx" and dtype == "auto":
         settings["model.dtype"] = "float32"  # the weights as the workload saved them, on every backend
     nested: dict[str, dict[str, Any]] = {}
@@ -183,6 +189,14 @@ def duet_config(workload: Workload, variant: Variant, steps: int, device: str, d
         section, name = key.split(".")
         nested.setdefault(section, {})[name] = value
     return config_from_dict(nested)
+
+
+def torch_default_threads() -> int:
+    """The thread count torch starts with in this process (a core each, or OMP_NUM_THREADS): read before
+    any backend sets its own, which a bench worker's fresh process guarantees."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def make_backend(config: Config, variant: Variant):
@@ -330,7 +344,9 @@ def measure_duet(workload: Workload, variant: Variant, steps: int, device: str, 
     total = time.perf_counter() - started
     info = backend.info()
     timings = Timings(seconds, tokens, losses, total, reference_seconds)
-    return summary(variant_name(variant), info.device, info.dtype, timings, workload, clock, resident_before)
+    figures = summary(variant_name(variant), info.device, info.dtype, timings, workload, clock, resident_before)
+    figures["threads"] = info.details.get("threads")
+    return figures
 
 
 def variant_name(variant: Variant) -> str:
@@ -451,6 +467,7 @@ def measure_trl(workload: Workload, variant: str, steps: int, device: str, dtype
     timings = Timings(step_times, [0] * len(step_times), losses, total, reference_seconds)
     figures = summary(variant, place, precision, timings, workload, clock, resident_before)
     figures["tokens_per_second"] = None
+    figures["threads"] = torch.get_num_threads()
     return figures
 
 

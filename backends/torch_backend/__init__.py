@@ -23,6 +23,7 @@ def create(config: Config, collective: Collective, device: str | None) -> Backen
         chunk_size=config.model.logprob_chunk_size,
         share_prompts=config.model.share_prompts,
         generation_precision=config.sampling.precision,
+        threads=config.model.threads,
     )
 
 

@@ -1,0 +1,175 @@
+"""model.threads: the auto policy as a pure function, the load sample from /proc/stat, and what a built torch
+backend applies (an explicit setting, then OMP_NUM_THREADS, then auto). No timings: the policy's figures are
+given, not measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.backends import create_backend
+from backends.torch_backend import threads
+from backends.torch_backend.threads import auto_threads, choose_threads, environment_threads
+from bench import worker
+from bench.background import background_load
+from bench.workloads import WORKLOADS
+from core.config import ConfigError
+from tests.helpers import quick_config
+
+DEMO_PARAMETERS = 689_280  # the demo model (tiny-chat)
+SMOLLM2_PARAMETERS = 134_515_008
+
+
+@pytest.fixture
+def restore_threads():
+    """torch's thread count is per process: put it back so later tests run as they would alone."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+# -- the policy --------------------------------------------------------------------------------------------
+
+
+def test_auto_takes_the_free_cores_of_an_idle_machine() -> None:
+    assert auto_threads(2, 0.0, DEMO_PARAMETERS) == 2
+    assert auto_threads(16, 0.0, SMOLLM2_PARAMETERS) == 16
+    assert auto_threads(1, 0.0, SMOLLM2_PARAMETERS) == 1
+
+
+def test_auto_leaves_the_cores_other_processes_keep_busy() -> None:
+    assert auto_threads(2, 1.0, SMOLLM2_PARAMETERS) == 1  # the benchmark machine with one spinning process
+    assert auto_threads(16, 3.2, SMOLLM2_PARAMETERS) == 13
+    assert auto_threads(8, 5.5, SMOLLM2_PARAMETERS) == 2  # a core counts as taken from half busy on
+    assert auto_threads(8, 5.4, SMOLLM2_PARAMETERS) == 3
+
+
+def test_auto_keeps_one_thread_on_a_saturated_machine() -> None:
+    assert auto_threads(2, 2.0, SMOLLM2_PARAMETERS) == 1
+    assert auto_threads(4, 9.0, SMOLLM2_PARAMETERS) == 1
+
+
+def test_a_tiny_model_gets_no_more_threads_than_it_can_use() -> None:
+    assert auto_threads(64, 0.0, DEMO_PARAMETERS) == 2  # 0.7M parameters: two threads still paid (measured)
+    assert auto_threads(64, 0.0, 100_000) == 1
+    assert auto_threads(64, 0.0, None) == 64  # size unknown: the cores decide
+
+
+def test_a_gpu_run_keeps_a_few_cpu_threads() -> None:
+    assert auto_threads(64, 0.0, SMOLLM2_PARAMETERS, accelerator=True) == threads.ACCELERATOR_THREADS
+    assert auto_threads(2, 1.0, SMOLLM2_PARAMETERS, accelerator=True) == 1
+
+
+def test_an_explicit_setting_then_the_environment_then_auto() -> None:
+    environ = {"OMP_NUM_THREADS": "3"}
+    assert choose_threads(5, environ, 2, 1.0, DEMO_PARAMETERS) == threads.ThreadChoice(5, "model.threads")
+    assert choose_threads("auto", environ, 2, 1.0, DEMO_PARAMETERS) == threads.ThreadChoice(3, "OMP_NUM_THREADS")
+    chosen = choose_threads("auto", {}, 2, 1.0, DEMO_PARAMETERS)
+    assert chosen == threads.ThreadChoice(1, "auto: 2 cores, 1 busy")
+    assert chosen.describe() == "1 thread (auto: 2 cores, 1 busy)"
+
+
+def test_omp_num_threads_is_read_as_open_mp_reads_it() -> None:
+    assert environment_threads({"OMP_NUM_THREADS": "4"}) == 4
+    assert environment_threads({"OMP_NUM_THREADS": " 4,2 "}) == 4  # nested levels: the outer one
+    for ignored in ("", "0", "-2", "many"):
+        assert environment_threads({"OMP_NUM_THREADS": ignored}) is None
+    assert environment_threads({}) is None
+
+
+def test_usable_cores_honours_a_cgroup_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "allowed_cpus", lambda: list(range(8)))
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 1.5)
+    assert threads.usable_cores() == 2
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
+    assert threads.usable_cores() == 8
+
+
+def test_busy_cores_come_from_proc_stat_less_this_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Over the sample: cpu0 was busy for all its 100 ticks, cpu1 idle, cpu2 (not ours) busy; this process
+    used 0.25 of a core, so other processes kept 0.75 of our two cores busy."""
+    stat = tmp_path / "stat"
+
+    def write(cpu0_user: int, cpu0_idle: int, cpu1_idle: int) -> None:
+        stat.write_text(
+            "cpu  1 2 3 4 5 6 7 8 0 0\n"
+            f"cpu0 {cpu0_user} 0 0 {cpu0_idle} 0 0 0 0 0 0\n"
+            f"cpu1 0 0 0 {cpu1_idle} 0 0 0 0 0 0\n"
+            "cpu2 999 0 0 0 0 0 0 0 0 0\n"
+        )
+
+    clock = {"wall": 0.0, "own": 0.0}
+    monkeypatch.setattr(threads, "PROC_STAT", stat)
+    monkeypatch.setattr(threads, "allowed_cpus", lambda: [0, 1])
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock["wall"])
+    monkeypatch.setattr(threads.time, "process_time", lambda: clock["own"])
+    write(100, 50, 200)
+    sample = threads.LoadSample()
+    write(200, 50, 300)
+    clock.update(wall=1.0, own=0.25)
+    assert sample.busy_cores() == pytest.approx(0.75)
+
+
+# -- the backend applies it --------------------------------------------------------------------------------
+
+
+def build(tmp_path: Path, threads_setting: int | str):
+    config = quick_config(tmp_path, model={"threads": threads_setting})
+    backend = create_backend(config)
+    backend.load_model(config.model.path)
+    return backend
+
+
+def test_model_threads_is_applied_when_the_backend_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_threads
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    backend = build(tmp_path, 1)
+    assert torch.get_num_threads() == 1
+    assert backend.info().details["threads"] == 1
+    assert backend.info().details["threads_source"] == "model.threads"
+
+
+def test_omp_num_threads_wins_over_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_threads) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(2)  # as if an earlier backend in this process had chosen otherwise
+    backend = build(tmp_path, "auto")
+    assert torch.get_num_threads() == 1
+    assert backend.thread_choice == threads.ThreadChoice(1, "OMP_NUM_THREADS")
+
+
+def test_auto_applies_what_the_policy_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_threads) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.LoadSample, "busy_cores", lambda self: 1.0)
+    monkeypatch.setattr("backends.torch_backend.backend.usable_cores", lambda: 2)
+    backend = build(tmp_path, "auto")
+    assert torch.get_num_threads() == 1
+    assert backend.thread_choice == threads.ThreadChoice(1, "auto: 2 cores, 1 busy")
+
+
+def test_model_threads_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model\.threads"):
+        quick_config(tmp_path, model={"threads": 0})
+
+
+# -- the bench -----------------------------------------------------------------------------------------------
+
+
+def test_the_thread_variants_set_model_threads() -> None:
+    demo = WORKLOADS["demo"]
+    one = worker.duet_config(demo, worker.VARIANTS["duet-torch-threads1"], 3, "cpu", "auto")
+    assert one.model.threads == 1
+    torch_default = worker.duet_config(demo, worker.VARIANTS["duet-torch-threads-torch"], 3, "cpu", "auto")
+    assert torch_default.model.threads == torch.get_num_threads()
+    assert worker.duet_config(demo, worker.VARIANTS["duet-torch"], 3, "cpu", "auto").model.threads == "auto"
+
+
+def test_background_load_starts_and_stops_its_processes() -> None:
+    with background_load(2) as spinners:
+        assert len(spinners) == 2 and all(spinner.poll() is None for spinner in spinners)
+    assert all(spinner.returncode is not None for spinner in spinners)
+    with background_load(0) as none:
+        assert none == []
