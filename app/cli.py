@@ -56,7 +56,8 @@ def _tui(config: str | None = None, watch: str | None = None, resume: str | None
 
 
 def _collect(args: argparse.Namespace) -> int:
-    """``duet collect PROMPTS --out FILE``: the Collect screen, or with ``--judge`` a rule or model judging."""
+    """``duet collect PROMPTS --out FILE``: the Collect screen (``--thumbs``: one answer at a time, rated up or
+    down), or with ``--judge`` a rule or model judging."""
     from app.settings import resolve_config
 
     overrides = list(args.overrides)
@@ -72,11 +73,26 @@ def _collect(args: argparse.Namespace) -> int:
         if target:
             overrides.append(f"judge.{kind}={target}")
     config = resolve_config(args.config, overrides)
+    if args.thumbs and config.judge.kind != "human":
+        raise DuetError(
+            "--thumbs is a person rating answers in the Collect screen; a rule or model judge compares pairs "
+            "(drop --judge, or drop --thumbs)."
+        )
     if config.judge.kind == "human":
         from tui.app import run_app
 
-        return run_app(collect=(config, args.prompts, args.out))
+        _check_out_file(args.out, thumbs=args.thumbs)
+        return run_app(collect=(config, args.prompts, args.out), thumbs=args.thumbs)
     return _collect_with_judge(config, args.prompts, args.out, args.samples)
+
+
+def _check_out_file(out: str, *, thumbs: bool) -> None:
+    """A judgements file of the other kind (pairs for --thumbs, or thumbs without it) is said here, before the
+    screen opens and the model loads, not on a screen that can do nothing else."""
+    from core.collect import PAIRS, THUMBS, JudgementsFile
+
+    if Path(out).expanduser().is_file():
+        JudgementsFile(out, mode=THUMBS if thumbs else PAIRS).close()
 
 
 def collect_parser() -> argparse.ArgumentParser:
@@ -94,6 +110,11 @@ def collect_parser() -> argparse.ArgumentParser:
     collect.add_argument("--config", help="a run config whose model, sampling and judge sections to use")
     collect.add_argument("--judge", help="human (the Collect screen, default), rule:FILE.py[:function] or model:PATH")
     collect.add_argument("--samples", type=int, default=2, help="answers per prompt for a rule or model judge")
+    collect.add_argument(
+        "--thumbs",
+        action="store_true",
+        help="one answer at a time, rated thumbs up or down: unpaired feedback for objective.name=kto",
+    )
     collect.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sampling.temperature=0.8")
 
     return collect

@@ -7,6 +7,8 @@
 - `CollectSession` is what the Collect screen drives: the prompts still to judge, a background thread that
   keeps answers generated ahead of the person, and the judgement keys (a, b, tie, both bad, edit, skip,
   regenerate, undo) each written to the file at once.
+- `ThumbsSession` is the same with one answer per prompt and a thumbs up or down on it (``duet collect
+  --thumbs``): unpaired feedback, for KTO.
 - `collect_with_judge` is the same loop with a rule or model judge instead of a person (``duet collect
   --judge rule``).
 """
@@ -25,8 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from core import faults
-from core.collect import JudgementsFile, PromptItem, judgement_record, read_prompts, remaining
-from core.config import Config, JudgeConfig, SamplingConfig
+from core.collect import (
+    PAIRS,
+    THUMBS,
+    JudgementsFile,
+    PromptItem,
+    judgement_record,
+    read_prompts,
+    remaining,
+    thumbs_record,
+)
+from core.config import Config, JudgeConfig, ObjectiveConfig, SamplingConfig
 from core.errors import DataError
 from core.fingerprint import cache_root, combine, folder_fingerprint
 from core.judges import DEFAULT_TEMPLATE, Judge, JudgeError, ModelJudge, Verdict, load_rule
@@ -302,6 +313,7 @@ class CollectSession:
     config: Config
     judge_name: str = "human"
     ahead: int = 4
+    samples: int = 2  # answers per prompt
     on_update: Callable[[Answers], None] | None = None
     _queue: list[tuple[int, PromptItem]] = field(default_factory=list)
     _answers: dict[tuple[int, int], Answers] = field(default_factory=dict)
@@ -356,7 +368,9 @@ class CollectSession:
                 continue
             # the pair on screen and the next ones, in one batch: the person's current pair streams in
             # while the following pairs are made alongside it, at little more than the cost of one
-            batch = [self.sampler.start(prompt, index, attempt=attempt) for index, prompt, attempt in wanted]
+            batch = [
+                self.sampler.start(prompt, index, k=self.samples, attempt=attempt) for index, prompt, attempt in wanted
+            ]
             with self._lock:
                 for answers in batch:
                     self._answers[(answers.index, answers.attempt)] = answers
@@ -389,7 +403,7 @@ class CollectSession:
             found = self._answers.get((index, attempt))
         if found is None:
             self._wake.set()
-            return self.sampler.start(prompt, index, attempt=attempt)  # a placeholder: nothing streamed yet
+            return self.sampler.start(prompt, index, k=self.samples, attempt=attempt)  # a placeholder: nothing yet
         return found
 
     def tally(self) -> Tally:
@@ -422,17 +436,24 @@ class CollectSession:
             verdict,
             judge=self.judge_name,
             edited=edited,
-            provenance={
-                **provenance(self.config, self.sampler.backend, answers, adapter=self.sampler.adapter),
-                **self.sampler.provenance_extra,
-            },
+            provenance=self._provenance(answers),
         )
+        self._record(answers, record)
+        return record
+
+    def _provenance(self, answers: Answers) -> dict[str, Any]:
+        return {
+            **provenance(self.config, self.sampler.backend, answers, adapter=self.sampler.adapter),
+            **self.sampler.provenance_extra,
+        }
+
+    def _record(self, answers: Answers, record: dict[str, Any]) -> None:
+        """Write the current prompt's line and move on to the next prompt."""
         self.file.append(record)
         with self._lock:
             self._history.append(self._queue.pop(0))
             self._answers.pop((answers.index, answers.attempt), None)
         self._wake.set()
-        return record
 
     def add_prompt(self, text: str) -> PromptItem | None:
         """A prompt typed in the screen: judged next, after the current one."""
@@ -472,6 +493,55 @@ class CollectSession:
                 self._attempts[entry[0]] = self._attempts.get(entry[0], 0) + 1
         self._wake.set()
         return record
+
+
+@dataclass
+class ThumbsTally:
+    up: int = 0
+    down: int = 0
+    skipped: int = 0
+    remaining: int = 0
+
+    @property
+    def judged(self) -> int:
+        return self.up + self.down
+
+    def text(self) -> str:
+        return f"up {self.up} · down {self.down} · skipped {self.skipped} · remaining {self.remaining}"
+
+
+@dataclass
+class ThumbsSession(CollectSession):
+    """One answer per prompt, rated thumbs up or down (or skipped): unpaired feedback, for KTO. The queue,
+    the answers generated ahead, regenerate, undo and typed prompts are the pair session's."""
+
+    samples: int = 1
+
+    def tally(self) -> ThumbsTally:  # type: ignore[override]
+        counts = self.file.counts()
+        return ThumbsTally(counts["up"], counts["down"], counts["skip"], remaining=len(self._queue))
+
+    def judge(self, verdict: str, edited: str | None = None) -> dict[str, Any] | None:
+        """Rate the current answer: "up", "down" or "skip"; ``edited`` (with "up") replaces its text. Returns
+        the record written (None: the answer is still generating, or nothing is left)."""
+        answers = self.current()
+        if answers is None or (verdict != "skip" and (not answers.done or answers.error)):
+            return None
+        record = thumbs_record(
+            answers.prompt,
+            answers.texts[0] if verdict != "skip" else "",
+            verdict,
+            judge=self.judge_name,
+            edited=edited,
+            provenance=self._provenance(answers),
+        )
+        self._record(answers, record)
+        return record
+
+    def _provenance(self, answers: Answers) -> dict[str, Any]:
+        details = super()._provenance(answers)
+        details.pop("left", None)  # one answer: no sides to shuffle
+        return details
 
 
 def open_prompts(source: str | None, typed: list[str] | None = None) -> list[PromptItem]:
@@ -582,12 +652,14 @@ def open_session(
     typed: list[str] | None = None,
     on_update: Callable[[Answers], None] | None = None,
     ahead: int = 4,
+    thumbs: bool = False,
 ) -> CollectSession:
     """A person's collection session: the prompts (a file and/or typed), the model of ``config.model`` with
     ``config.model.adapter`` on when set, answers generated ahead, judgements appended to ``out`` (reopened:
-    it resumes at the next unjudged prompt). Loads the model: call it off the UI thread."""
+    it resumes at the next unjudged prompt). ``thumbs``: one answer per prompt, rated up or down, into a
+    thumbs file. Loads the model: call it off the UI thread."""
     items = open_prompts(prompts, typed)
-    file = JudgementsFile(out)
+    file = JudgementsFile(out, mode=THUMBS if thumbs else PAIRS)  # before the model: a wrong file fails fast
     try:
         sampler = load_sampler(config, adapter=config.model.adapter, use_adapter=True)
         # every judgement records the model's and adapter's fingerprints; the first hashes their weights:
@@ -599,12 +671,25 @@ def open_session(
     except BaseException:
         file.close()
         raise
-    return CollectSession(sampler, items, file, config, ahead=ahead, on_update=on_update)
+    kind = ThumbsSession if thumbs else CollectSession
+    return kind(sampler, items, file, config, ahead=ahead, on_update=on_update)
 
 
-def train_config_for(config: Config, judgements: str | Path, output_dir: str | None = None) -> Config:
+def train_config_for(
+    config: Config, judgements: str | Path, output_dir: str | None = None, objective: str | None = None
+) -> Config:
     """The run config that trains on a judgements file, from the adapter the answers came from ("train on
-    these"): data.train is the file, no held-out split (its pairs are few and precious)."""
+    these"): data.train is the file, no held-out split (its pairs are few and precious). ``objective``: train
+    with this one instead (thumbs-up/down ratings: kto, with no NLL term)."""
     data = dataclasses.replace(config.data, train=str(Path(judgements).resolve()), eval=None, eval_fraction=0.0)
     train = dataclasses.replace(config.train, output_dir=output_dir or config.train.output_dir)
-    return dataclasses.replace(config, data=data, train=train)
+    chosen = config.objective
+    if objective is not None and objective != chosen.name:
+        chosen = dataclasses.replace(
+            ObjectiveConfig(),
+            name=objective,
+            desirable_weight=chosen.desirable_weight,
+            undesirable_weight=chosen.undesirable_weight,
+        )
+        chosen.validate()
+    return dataclasses.replace(config, data=data, train=train, objective=chosen)

@@ -117,14 +117,20 @@ def held_out_prompts(config: Config, chat: ChatTokenizer, prompts: str | None) -
         items = read_prompts(prompts)
         source = str(prompts)
     else:
-        from core.prepare import prepare_data
+        from core.prepare import prepare_data, unpaired_needs
 
         if not config.data.eval and config.data.eval_fraction <= 0:
             raise ConfigError(
                 "duet eval: the run has no held-out split (data.eval, data.eval_fraction); give held-out "
                 "prompts with --prompts FILE or evaluation.prompts."
             )
-        data = prepare_data(config.data, chat.tokenizer, config.train.seed, cache_root(config.train.cache_dir))
+        data = prepare_data(
+            config.data,
+            chat.tokenizer,
+            config.train.seed,
+            cache_root(config.train.cache_dir),
+            unpaired=unpaired_needs(config.objective),
+        )
         assert data.eval is not None
         items = []
         for tokenized in data.eval.tokenized:

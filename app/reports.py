@@ -35,7 +35,7 @@ def data_warnings(data: PreparedData) -> list[str]:
                 f"{load.source}: {tokens.dropped_no_response} pairs dropped: their prompts leave no room "
                 "for a reply within data.max_length."
             )
-        warnings += [f"{load.source}: {w}" for w in tokens.warnings]
+        warnings += [f"{load.source}: {w}" for w in [*load.warnings, *tokens.warnings]]
     return warnings
 
 

@@ -44,7 +44,7 @@ from core.metrics import ConsoleReporter, MetricsLog, read_metrics, truncate_met
 from core.model_card import model_card
 from core.models_io import resolve_model_path
 from core.objectives import Objective, build_objective
-from core.prepare import PreparedData, prepare_data
+from core.prepare import PreparedData, prepare_data, unpaired_needs
 from core.progress import PhaseProgress
 from core.rundir import RunDirectory, RunDirError
 from core.trainer import RunControl, TrainData, schedule_length, train
@@ -229,7 +229,14 @@ def _prepare(cfg: Config, collective: Collective, device: str | None, hooks: Hoo
         return PhaseProgress(early, "tokenize", f"tokenizing {Path(source).name}", 0)
 
     try:
-        data = prepare_data(cfg.data, backend.tokenizer, cfg.train.seed, cache_root(cfg.train.cache_dir), progress)
+        data = prepare_data(
+            cfg.data,
+            backend.tokenizer,
+            cfg.train.seed,
+            cache_root(cfg.train.cache_dir),
+            progress,
+            unpaired_needs(cfg.objective),
+        )
     finally:
         reporter.close()
     return backend, data, build_objective(cfg.objective)
@@ -315,6 +322,13 @@ def _start_event(job: Job, state: TrainerState) -> RunStarted:
     info = backend.info()
     count = collective.world_size
     processes = f", {count} process{'es' if count > 1 else ''}" if collective.enabled else ""
+    # the CPU threads the backend chose, and why (torch: model.threads, OMP_NUM_THREADS or auto's figures)
+    count_threads = info.details.get("threads")
+    threads = (
+        f", {count_threads} thread{'s' if count_threads != 1 else ''} by {info.details['threads_source']}"
+        if count_threads
+        else ""
+    )
     return RunStarted(
         run_dir=str(job.run_dir.path),
         total_steps=state.total_steps,
@@ -331,8 +345,9 @@ def _start_event(job: Job, state: TrainerState) -> RunStarted:
         total_parameters=backend.total_parameters(),
         world_size=collective.world_size,
         message=f"{'resuming' if job.resumed else 'training'} {cfg.objective.name} on {info.name} "
-        f"({info.device}, {info.dtype}{processes}): {len(data.train.tokenized)} pairs, {state.total_steps} steps, "
-        f"run {job.run_dir.path}",
+        f"({info.device}, {info.dtype}{processes}{threads}): {len(data.train.tokenized)} "
+        f"{'examples' if job.objective.unpaired else 'pairs'}, "
+        f"{state.total_steps} steps, run {job.run_dir.path}",
     )
 
 

@@ -24,6 +24,7 @@ class Batch:
     response_lengths: np.ndarray  # int32 [2B], = loss_mask.sum(1)
     prompt_lengths: np.ndarray  # int32 [2B]
     pair_indices: np.ndarray  # int64 [B], each pair's index in the loaded data
+    labels: np.ndarray | None = None  # bool [B], unpaired examples' ratings (KTO); None for pairs
 
     @property
     def num_pairs(self) -> int:
@@ -65,7 +66,17 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int, pad_to_multiple_of: int
         response_lengths,
         prompt_lengths,
         np.array([p.index for p in pairs], dtype=np.int64),
+        _labels(pairs),
     )
+
+
+def _labels(pairs: Sequence[TokenizedPair]) -> np.ndarray | None:
+    labels = [p.label for p in pairs]
+    if all(label is None for label in labels):
+        return None
+    if any(label is None for label in labels):
+        raise ValueError("a batch mixes preference pairs with unpaired examples")
+    return np.array(labels, dtype=bool)
 
 
 def plan_batches(

@@ -10,6 +10,12 @@ out of training and counts them.
 Durability: each judgement is one ``write`` of one whole line to a file opened for appending, then fsync.
 A kill between judgements leaves every earlier line; a line cut short by a crash at the one moment it is
 written is dropped when the file is opened again. Undo truncates the last line away (one syscall).
+
+A thumbs file (``duet collect --thumbs``) holds unpaired feedback instead, in TRL's unpaired preference
+format, which KTO trains on: ``prompt``, ``completion`` (one assistant message) and ``label`` (true: thumbs
+up, false: thumbs down), with the same kind of ``duet`` object, marked ``"mode": "thumbs"``. A skipped
+prompt is a line with ``prompt`` and ``duet`` only (verdict "skip"), never trained on. The two kinds never
+share a file: `JudgementsFile` opened for one refuses a file that holds the other.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from core.errors import DataError
 
 TRAINED_VERDICTS = ("a", "b")  # the edited answer's side is recorded as a verdict for that side
 VERDICTS = (*TRAINED_VERDICTS, *RECORDED_VERDICTS)
+THUMBS_VERDICTS = ("up", "down", "skip")
+THUMBS_LABELS = {"up": True, "down": False}  # a skip has no label: nothing to learn from it
+PAIRS, THUMBS = "pairs", "thumbs"  # the two kinds of judgements file; a record says which (duet.mode)
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
@@ -178,15 +187,58 @@ def judgement_record(
     return record
 
 
+def thumbs_record(
+    prompt: PromptItem,
+    answer: str,
+    verdict: str,
+    *,
+    judge: str,
+    provenance: Mapping[str, Any],
+    edited: str | None = None,
+) -> dict[str, Any]:
+    """One line of a thumbs file: ``verdict`` "up", "down" or "skip" on one answer. With ``edited``, the
+    judge rewrote the answer: the edit is the completion, and a thumbs up (what the judge wants to read)."""
+    if verdict not in THUMBS_VERDICTS:
+        raise ValueError(f"unknown thumbs verdict {verdict!r}")
+    if edited is not None and verdict != "up":
+        raise ValueError("an edited answer is recorded as a thumbs up")
+    meta = {
+        "mode": THUMBS,
+        "verdict": verdict,
+        "judge": judge,
+        "prompt_key": prompt.key,
+        "source": prompt.location,
+        "answer": answer if verdict != "skip" else None,  # as generated (the completion may be the edit)
+        "edited": edited is not None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **provenance,
+    }
+    record: dict[str, Any] = {"prompt": prompt.conversation}
+    if verdict in THUMBS_LABELS:
+        record["completion"] = [{"role": "assistant", "content": edited if edited is not None else answer}]
+        record["label"] = THUMBS_LABELS[verdict]
+    record["duet"] = meta
+    return record
+
+
+def record_mode(record: Mapping[str, Any]) -> str:
+    """Which kind of file a record belongs in: pair judgements carry no mode (they came first)."""
+    return str(record["duet"].get("mode", PAIRS))
+
+
 def record_prompt(record: Mapping[str, Any]) -> PromptItem:
     return PromptItem(tuple((m["role"], m["content"]) for m in record["prompt"]), str(record["duet"].get("source", "")))
 
 
 class JudgementsFile:
-    """The append-only judgements file: opened once, every line synced as it is written; undo truncates."""
+    """The append-only judgements file: opened once, every line synced as it is written; undo truncates.
+    ``mode`` is the kind of records it holds (pairs, or thumbs): a file of the other kind is refused."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, mode: str = PAIRS) -> None:
+        if mode not in (PAIRS, THUMBS):
+            raise ValueError(f"unknown judgements file mode {mode!r}")
         self.path = Path(path).expanduser()
+        self.mode = mode
         self.records: list[dict[str, Any]] = []
         self._offsets: list[int] = []  # where each record's line starts
         self.dropped_tail = False  # a line cut short by a crash was removed on opening
@@ -224,9 +276,26 @@ class JudgementsFile:
                         f"{self.path}:{line_number}: record {number} is not a Duet judgement "
                         "(no 'prompt' or 'duet' field); give a new file for --out, or one Duet collected into."
                     )
+                self._check_mode(record, line_number)
                 self.records.append(record)
                 self._offsets.append(position)
             position = newline + 1
+
+    def _check_mode(self, record: Mapping[str, Any], line_number: int) -> None:
+        """Pairs and thumbs never mix in one file: each trains a different objective, and a resumed session
+        would count the other kind's prompts as its own."""
+        found = record_mode(record)
+        if found == self.mode:
+            return
+        if found == THUMBS:
+            raise DataError(
+                f"{self.path}:{line_number}: this file holds thumbs-up/down ratings (duet collect --thumbs), "
+                "not pair judgements. Add --thumbs to go on rating into it, or give another --out file for pairs."
+            )
+        raise DataError(
+            f"{self.path}:{line_number}: this file holds pair judgements (which of two answers is better), not "
+            "thumbs-up/down ratings. Give another --out file for --thumbs, or drop --thumbs to go on judging pairs."
+        )
 
     def _truncate(self, size: int) -> None:
         with open(self.path, "r+b") as handle:

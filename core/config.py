@@ -60,10 +60,17 @@ class ModelConfig:
     reference: Literal["start", "base"] = option(
         "start", "with model.adapter: the reference is the model as it starts (with that adapter), or the base alone"
     )
+    threads: int | Literal["auto"] = option(
+        "auto",
+        "CPU threads for the torch backend; auto: OMP_NUM_THREADS if set, else the cores this process may use, "
+        "fewer on a busy machine",
+    )
 
     def validate(self) -> None:
         if self.logprob_chunk_size != "auto":
             _positive("model.logprob_chunk_size", self.logprob_chunk_size)
+        if self.threads != "auto":
+            _positive("model.threads", self.threads)
         if not self.path.strip():
             raise ConfigError("model.path is empty: give a local model folder, a hub id, or 'demo'.")
         if not self.backend.strip():
@@ -82,7 +89,7 @@ class DataConfig:
     format: str = option(
         "auto",
         "auto (detected from the rows), or sharegpt, llamafactory_v1, ultrafeedback, conversational, explicit, "
-        "alpaca, implicit or hh_rlhf",
+        "alpaca, implicit, hh_rlhf, or unpaired (KTO's rated replies)",
     )
     columns: dict[str, str] = field(
         default_factory=dict,
@@ -99,6 +106,9 @@ class DataConfig:
     )
     max_prompt_length: int | None = option(
         512, "most prompt tokens (cut from the left); null: only data.max_length limits it"
+    )
+    unpaired: bool = option(
+        False, "KTO: split each preference pair into a desirable (chosen) and an undesirable (rejected) example"
     )
 
     def validate(self) -> None:
@@ -132,6 +142,8 @@ class DataConfig:
             "rejected_messages",
             "score_chosen",
             "score_rejected",
+            "completion",
+            "label",
         }
         for duet_name in self.columns:
             if duet_name not in known:
@@ -186,6 +198,12 @@ class ObjectiveConfig:
     label_smoothing: float = option(0.0, "ε, the assumed rate of flipped preference labels (cDPO), in [0, 0.5)")
     robust: bool = option(False, "with label_smoothing: robust DPO's unbiased loss instead of cDPO's")
     nll_weight: float = option(0.0, "weight of a per-token NLL loss on the chosen replies, added to the objective")
+    desirable_weight: float | None = option(
+        None, "KTO only: λ_D, the weight of desirable (thumbs-up) examples (null: 1)"
+    )
+    undesirable_weight: float | None = option(
+        None, "KTO only: λ_U, the weight of undesirable (thumbs-down) examples (null: 1)"
+    )
 
     def validate(self) -> None:
         """What every objective's declaration says (its name, whether it takes β, which options), then the
@@ -206,6 +224,8 @@ class ObjectiveConfig:
             "label_smoothing": bool(self.label_smoothing),
             "robust": self.robust,
             "gamma": self.gamma is not None or self.gamma_beta_ratio is not None,
+            "desirable_weight": self.desirable_weight is not None,
+            "undesirable_weight": self.undesirable_weight is not None,
         }
         for option_name, set_here in given.items():
             if set_here and option_name not in declared.options:
@@ -215,6 +235,9 @@ class ObjectiveConfig:
                 raise ConfigError(f"objective.{key} to {_naming(takers)}{only}, not {self.name}.")
         if self.nll_weight < 0:
             raise ConfigError(f"objective.nll_weight must be ≥ 0, got {self.nll_weight}.")
+        for key in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, key) is not None:
+                _positive(f"objective.{key}", getattr(self, key))
         declared.check_config(self)
 
     @property

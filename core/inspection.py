@@ -17,6 +17,7 @@ from rich.text import Text
 from core.batching import padding_fraction, plan_batches
 from core.data import LoadReport, PreferencePair, load_preferences
 from core.data.load import MAX_EXAMPLES, display_path
+from core.data.unpaired import with_mismatched_replies
 from core.errors import DataError
 from core.tokenization import ChatTokenizer, TokenizedPair, TokenizeReport, tokenize_pairs
 
@@ -53,6 +54,10 @@ def inspect_data(
     pairs, load_report = load_preferences(
         source, format=format, columns=columns, split=split, skip_invalid=skip_invalid, max_examples=max_examples
     )
+    if pairs and pairs[0].is_unpaired:  # rated replies (KTO): inspected as they train, with a mismatched reply
+        load_report.desirable = sum(1 for p in pairs if p.label)
+        load_report.undesirable = len(pairs) - load_report.desirable
+        pairs = with_mismatched_replies(pairs, seed=0)
     chat_tokenizer = ChatTokenizer(tokenizer, chat_template)
     tokenized, tokenize_report = tokenize_pairs(
         pairs, chat_tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, skip_invalid=skip_invalid

@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from core.config import DataConfig
+from core.config import DataConfig, ObjectiveConfig
 from core.data import LoadReport, PreferencePair, load_preferences
+from core.data.unpaired import balance_advice, split_pairs, with_mismatched_replies
 from core.errors import DataError
 from core.named import NAMED_DATA
+from core.objectives import OBJECTIVES
 from core.token_cache import tokenize_cached
 from core.tokenization import ChatTokenizer, TokenizedPair, TokenizeReport
 
@@ -33,6 +35,13 @@ class PreparedData:
     eval: PreparedSplit | None
 
 
+def unpaired_needs(objective: ObjectiveConfig) -> Unpaired | None:
+    """What ``objective`` asks of the data when it trains on unpaired examples; None for a pairwise one."""
+    if not OBJECTIVES[objective.name].unpaired:
+        return None
+    return Unpaired(objective.name, objective.desirable_weight or 1.0, objective.undesirable_weight or 1.0)
+
+
 def resolve_data_source(source: str) -> str:
     if source in NAMED_DATA:  # "demo"
         return str(NAMED_DATA[source]())
@@ -43,7 +52,13 @@ Progress = Callable[[str], Callable[[int, int], None]]  # split name → progres
 
 
 def _load_split(
-    source: str, config: DataConfig, chat: ChatTokenizer, cache_dir: Path | None, progress: Progress | None
+    source: str,
+    config: DataConfig,
+    chat: ChatTokenizer,
+    cache_dir: Path | None,
+    progress: Progress | None,
+    unpaired: Unpaired | None,
+    seed: int,
 ) -> PreparedSplit:
     pairs, load_report = load_preferences(
         resolve_data_source(source),
@@ -53,6 +68,7 @@ def _load_split(
         split=config.split,
         skip_invalid=config.skip_invalid,
     )
+    pairs = _as_objective_needs(pairs, load_report, source, config, unpaired, seed)
     tokenized, tokenize_report, cached = tokenize_cached(
         pairs,
         chat,
@@ -74,19 +90,77 @@ def _load_split(
             f"data.max_prompt_length={config.max_prompt_length}). Raise max_length or lower "
             "max_prompt_length; `duet inspect` shows the lengths."
         )
+    for example in tokenized:  # the rating is no part of the tokens (nor of their cache)
+        example.label = pairs[example.index].label
     return PreparedSplit(pairs, tokenized, load_report, tokenize_report, cached)
 
 
+@dataclass(frozen=True)
+class Unpaired:
+    """What an objective trained on unpaired examples (KTO) asks of the data: its class weights λ_D, λ_U."""
+
+    objective: str
+    desirable_weight: float
+    undesirable_weight: float
+
+
+def _as_objective_needs(
+    pairs: list[PreferencePair],
+    report: LoadReport,
+    source: str,
+    config: DataConfig,
+    unpaired: Unpaired | None,
+    seed: int,
+) -> list[PreferencePair]:
+    """Pairs for a pairwise objective; rated examples, each with a mismatched reply, for an unpaired one."""
+    given_unpaired = bool(pairs) and pairs[0].is_unpaired
+    if unpaired is None:
+        if given_unpaired:
+            raise DataError(
+                f"{source}: its rows are unpaired examples (prompt, completion, label), which a pairwise "
+                "objective cannot train on. Train them with objective.name=kto, or give preference pairs."
+            )
+        return pairs
+    if not given_unpaired:
+        if not config.unpaired:
+            raise DataError(
+                f"{source}: objective {unpaired.objective} trains on unpaired examples (prompt, completion, "
+                "label: true|false), and these rows are preference pairs. Set data.unpaired=true to split each "
+                "pair into a desirable (chosen) and an undesirable (rejected) example, or give unpaired rows."
+            )
+        pairs = split_pairs(pairs)
+    report.desirable = sum(1 for p in pairs if p.label)
+    report.undesirable = len(pairs) - report.desirable
+    report.pairs = len(pairs)
+    advice = balance_advice(
+        report.desirable, report.undesirable, unpaired.desirable_weight, unpaired.undesirable_weight
+    )
+    if advice:
+        report.warnings.append(advice)
+    if len({(p.system, p.prompt) for p in pairs}) < 2:
+        report.warnings.append(
+            "every example has the same prompt: KTO's KL baseline is then estimated on replies to that same "
+            "prompt, not on mismatched ones; add examples with other prompts."
+        )
+    return with_mismatched_replies(pairs, seed)
+
+
 def prepare_data(
-    config: DataConfig, tokenizer: Any, seed: int, cache_dir: Path | None = None, progress: Progress | None = None
+    config: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+    unpaired: Unpaired | None = None,
 ) -> PreparedData:
     """Load, check and tokenize the train (and eval) data; ``cache_dir`` keeps the tokens for the next run;
-    ``progress(source)`` gives the callback that follows one file's tokenization."""
+    ``progress(source)`` gives the callback that follows one file's tokenization; ``unpaired``: the objective
+    trains on rated examples (see ``unpaired_needs``)."""
     chat = ChatTokenizer(tokenizer, config.chat_template)
-    train = _load_split(config.train, config, chat, cache_dir, progress)
+    train = _load_split(config.train, config, chat, cache_dir, progress, unpaired, seed)
     evaluation = None
     if config.eval:
-        evaluation = _load_split(config.eval, config, chat, cache_dir, progress)
+        evaluation = _load_split(config.eval, config, chat, cache_dir, progress, unpaired, seed + 1)
     elif config.eval_fraction > 0:
         count = len(train.tokenized)
         held_out = min(count - 1, max(1, round(config.eval_fraction * count)))

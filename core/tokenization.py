@@ -76,6 +76,7 @@ class TokenizedPair:
     prompt_truncated: bool = False
     chosen_truncated: bool = False
     rejected_truncated: bool = False
+    label: bool | None = None  # an unpaired example's rating (KTO); ``rejected`` is then its mismatched reply
 
     @property
     def length(self) -> int:

@@ -10,6 +10,7 @@ relative (Frobenius norm of the difference over the norm of the tensor).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -112,14 +113,20 @@ def test_sequence_logps_agree_with_torch(backends, pair_batches) -> None:
             )
 
 
-@pytest.mark.parametrize("name", ["dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft", "orpo"])
+def rated(batch):
+    """The batch as KTO examples: each chosen row a rated reply, its rejected row the mismatched one."""
+    return dataclasses.replace(batch, labels=np.arange(batch.num_pairs) % 3 != 1)
+
+
+@pytest.mark.parametrize("name", ["dpo", "dpo_norm", "simpo", "ipo", "hinge", "sft", "orpo", "kto"])
 def test_loss_and_every_metric_agree_with_torch(backends, pair_batches, name: str) -> None:
     torch_backend, mlx_backend = backends
     objective = build_objective(ObjectiveConfig(name=name, label_smoothing=0.1 if name == "dpo" else 0.0))
-    batch = pair_batches[1]
+    batch = rated(pair_batches[1]) if name == "kto" else pair_batches[1]
+    nll_weight = 0.0 if name == "kto" else 0.5
     reference = torch_backend.sequence_logps(batch, adapter=False)
-    ours = mlx_backend.evaluate(batch, objective, reference, nll_weight=0.5)
-    theirs = torch_backend.evaluate(batch, objective, reference, nll_weight=0.5)
+    ours = mlx_backend.evaluate(batch, objective, reference, nll_weight=nll_weight)
+    theirs = torch_backend.evaluate(batch, objective, reference, nll_weight=nll_weight)
     assert ours.metrics.keys() == theirs.metrics.keys()
     # rewards: β · (log πθ - log πref), per token for dpo_norm and ipo; SimPO and SFT: (β ·) log πθ per token
     logps = np.concatenate([reference, torch_backend.sequence_logps(batch)])
@@ -131,12 +138,13 @@ def test_loss_and_every_metric_agree_with_torch(backends, pair_batches, name: st
     np.testing.assert_allclose(ours.margins, theirs.margins, rtol=1e-4, atol=margin_slack)
 
 
-def test_three_optimizer_steps_agree_with_torch(backends, pair_batches) -> None:
+@pytest.mark.parametrize("name", ["dpo", "kto"])
+def test_three_optimizer_steps_agree_with_torch(backends, pair_batches, name: str) -> None:
     torch_backend, mlx_backend = backends
-    objective = build_objective(ObjectiveConfig(name="dpo"))
+    objective = build_objective(ObjectiveConfig(name=name))
     for backend in backends:
         backend.setup_optimizer(weight_decay=0.01)
-    for batch in pair_batches:
+    for batch in pair_batches if name == "dpo" else [rated(b) for b in pair_batches]:
         reference = torch_backend.sequence_logps(batch, adapter=False)
         logps = np.concatenate([reference, torch_backend.sequence_logps(batch)])
         results = [b.forward_backward(batch, objective, reference, 0.0, 1.0) for b in backends]

@@ -35,6 +35,8 @@ CASES = [
     ("sft", {}),
     ("orpo", {"beta": 0.1}),
     ("orpo", {"beta": 0.5}),
+    ("kto", {"beta": 0.1}),
+    ("kto", {"beta": 0.3, "desirable_weight": 1.33, "undesirable_weight": 0.8}),
 ]
 CASE_IDS = [f"{name}-{'-'.join(f'{k}{v}' for k, v in params.items())}" for name, params in CASES]
 
@@ -46,6 +48,8 @@ def make_objective(name: str, params: dict):
         gamma=params.get("gamma"),
         label_smoothing=params.get("label_smoothing", 0.0),
         robust=params.get("robust", False),
+        desirable_weight=params.get("desirable_weight"),
+        undesirable_weight=params.get("undesirable_weight"),
     )
     return build_objective(config.validate() or config)
 
@@ -64,6 +68,7 @@ def random_inputs(seed: int, pairs: int = 64) -> dict[str, np.ndarray]:
         "rejected_lengths": rejected_lengths,
         "reference_chosen": ref_chosen,
         "reference_rejected": ref_rejected,
+        "labels": rng.random(pairs) < 0.6,  # KTO's ratings; the pairwise objectives ignore them
     }
 
 
@@ -75,6 +80,7 @@ def to_outputs(inputs: dict[str, np.ndarray], convert) -> PolicyOutputs:
         convert(inputs["rejected_lengths"]),
         convert(inputs["reference_chosen"]),
         convert(inputs["reference_rejected"]),
+        convert(inputs["labels"].astype(np.float64)),
     )
 
 
@@ -148,6 +154,8 @@ def test_objective_matches_the_float64_reference(backend: str, name: str, params
 
 
 def finite_difference_grad(name: str, params: dict, inputs: dict, nll_weight: float, step: float = 1e-6):
+    if name == "kto":  # z0 is detached: hold it at its value here, as the objective's gradient does
+        params = {**params, "kl_estimate": float(reference_losses(name, **inputs, **params)["metrics"]["kl"])}
     grads = {}
     for key in ("policy_chosen", "policy_rejected"):
         grad = np.zeros_like(inputs[key])
@@ -199,6 +207,7 @@ def test_gradients_match_finite_differences(backend: str, name: str, params: dic
                 out.rejected_lengths,
                 out.reference_chosen_logps,
                 out.reference_rejected_logps,
+                out.labels,
             )
             return evaluate(objective, MlxOps(), replaced, nll_weight=nll_weight).loss
 
@@ -206,7 +215,7 @@ def test_gradients_match_finite_differences(backend: str, name: str, params: dic
         got = {"policy_chosen": np.array(grad_chosen), "policy_rejected": np.array(grad_rejected)}
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=key)
-        if name != "sft" or key == "policy_chosen":
+        if name not in ("sft", "kto") or key == "policy_chosen":  # neither differentiates the rejected rows
             assert np.abs(got[key]).sum() > 0, "a gradient that is all zero cannot be checked"
 
 
@@ -222,7 +231,7 @@ def test_extreme_logits_stay_finite(backend: str) -> None:
     zero, one = array(np.array([0.0, 0.0])), array(np.array([1.0, 1.0]))
     for name, params in CASES:
         objective = make_objective(name, params)
-        result = evaluate(objective, ops, PolicyOutputs(big, -big, one, one, zero, zero), nll_weight=0.1)
+        result = evaluate(objective, ops, PolicyOutputs(big, -big, one, one, zero, zero, one), nll_weight=0.1)
         assert np.all(np.isfinite(to_numpy(result.losses))), name
 
 
@@ -283,3 +292,53 @@ def test_orpo_refuses_an_extra_nll_term() -> None:
 
     with pytest.raises(ConfigError, match="ORPO has its own NLL term"):
         ObjectiveConfig(name="orpo", nll_weight=1.0).validate()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "mlx"])
+@pytest.mark.parametrize("classes", ["desirable", "undesirable", "mixed"])
+@pytest.mark.parametrize("kl", ["positive", "clamped"])
+def test_kto_on_one_class_batches_and_both_sides_of_the_kl_clamp(backend: str, classes: str, kl: str) -> None:
+    """All-desirable and all-undesirable batches (a class absent: its metrics are 0, the loss is the other
+    class's), and z0 both above 0 and clamped at 0; values and gradients against the reference."""
+    ops, array, to_numpy = backend_ops(backend)
+    inputs = random_inputs(5, pairs=12)
+    inputs["labels"] = {"desirable": np.ones(12, bool), "undesirable": np.zeros(12, bool)}.get(
+        classes, np.arange(12) % 3 == 0
+    )
+    shift = 6.0 if kl == "positive" else -6.0  # the mismatched rows' mean log-ratio, before the clamp
+    inputs["policy_rejected"] = inputs["reference_rejected"] + shift + np.linspace(-1, 1, 12)
+    params = {"beta": 0.2, "desirable_weight": 1.5, "undesirable_weight": 0.7}
+    expected = reference_losses("kto", **inputs, **params)
+    assert (expected["metrics"]["kl"] > 0) == (kl == "positive")
+    objective = make_objective("kto", params)
+    result = evaluate(objective, ops, to_outputs(inputs, array))
+    rtol, atol = VALUE_TOLERANCE[backend]
+    np.testing.assert_allclose(to_numpy(result.losses), expected["losses"], rtol=rtol, atol=atol)
+    for key, value in expected["metrics"].items():
+        np.testing.assert_allclose(to_numpy(result.metrics[key]), value, rtol=rtol, atol=atol, err_msg=key)
+    if classes != "mixed":
+        absent = "rejected" if classes == "desirable" else "chosen"
+        assert float(to_numpy(result.metrics[f"rewards/{absent}"])) == 0.0
+    if backend == "torch":
+        import torch
+
+        from backends.torch_backend.ops import TorchOps
+
+        out = to_outputs(inputs, lambda a: torch.tensor(a, dtype=torch.float64))
+        chosen = out.chosen_logps.requires_grad_()
+        evaluate(objective, TorchOps(), out).loss.backward()
+        expected_grads = finite_difference_grad("kto", params, inputs, 0.0)
+        np.testing.assert_allclose(chosen.grad.numpy(), expected_grads["policy_chosen"], rtol=GRAD_RTOL, atol=GRAD_ATOL)
+
+
+def test_kto_refuses_an_nll_term_and_takes_its_class_weights() -> None:
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="KTO takes no NLL term"):
+        ObjectiveConfig(name="kto", nll_weight=1.0).validate()
+    with pytest.raises(ConfigError, match="desirable_weight applies to kto only, not dpo"):
+        ObjectiveConfig(name="dpo", desirable_weight=1.2).validate()
+    with pytest.raises(ConfigError, match="must be > 0"):
+        ObjectiveConfig(name="kto", undesirable_weight=0.0).validate()
+    kto = build_objective(ObjectiveConfig(name="kto", desirable_weight=1.3))
+    assert (kto.beta, kto.desirable_weight, kto.undesirable_weight) == (0.1, 1.3, 1.0)

@@ -48,9 +48,13 @@ def test_reference_log_probs_are_cached_and_reused(tmp_path: Path) -> None:
     assert [e["cache_hit"] for e in third.events if e["type"] == "reference"] == [False, False]
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    """Stopped at step 3 of 8 and resumed: same per-step metrics and the same adapter (1e-6)."""
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path: Path, objective: str) -> None:
+    """Stopped at step 3 of 8 and resumed: same per-step metrics and the same adapter (1e-6). KTO too: its
+    examples' mismatched replies are drawn again on resume, and must be the same ones."""
     settings = {"lora": {"dropout": 0.1}, "train": {"max_steps": 8, "save_every": 4, "eval_every": 2}}
+    if objective == "kto":
+        settings |= {"objective": {"name": "kto"}, "data": {"unpaired": True}}
     full = run(quick_config(tmp_path / "a", **settings), console=quiet())
 
     control = RunControl()
@@ -85,7 +89,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path: Path) 
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_every_objective_trains_end_to_end(tmp_path: Path, objective: str) -> None:
-    config = quick_config(tmp_path, objective={"name": objective}, train={"max_steps": 8, "eval_every": 1})
+    unpaired = {"data": {"unpaired": True}} if OBJECTIVES[objective].unpaired else {}  # KTO: pairs split in two
+    config = quick_config(tmp_path, objective={"name": objective}, train={"max_steps": 8, "eval_every": 1}, **unpaired)
     result = run(config, console=quiet())
     evals = [e for e in result.events if e["type"] == "eval"]
     first, last = evals[0], evals[-1]

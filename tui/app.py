@@ -33,6 +33,7 @@ class DuetApp(App):
         collect: tuple[Config, str | None, str] | None = None,
         evaluate: tuple[str, list[str], str | None, bool] | None = None,
         blind: tuple[str, list[str], str | None] | None = None,
+        thumbs: bool = False,
     ) -> None:
         super().__init__()
         self.initial_config = config
@@ -40,6 +41,7 @@ class DuetApp(App):
         self.watch = watch
         self.resume = resume
         self.collect = collect  # (config, prompts file or None, judgements file): open on the Collect screen
+        self.thumbs = thumbs  # the Collect screen rates one answer at a time, thumbs up or down
         self.evaluate = evaluate  # (run, overrides, prompts file or None, checkpoints): open on the Eval screen
         self.blind = blind  # (run, overrides, prompts file or None): open on the blind A/B
 
@@ -55,10 +57,10 @@ class DuetApp(App):
 
             self.push_screen(DashboardScreen(session=TrainingSession(resume=self.resume)))
         elif self.collect is not None:
-            from tui.collect import CollectScreen
+            from tui.collect import CollectScreen, ThumbsScreen
 
             self.sub_title = f"collecting into {self.collect[2]}"
-            self.push_screen(CollectScreen(*self.collect))
+            self.push_screen((ThumbsScreen if self.thumbs else CollectScreen)(*self.collect))
         elif self.evaluate is not None:
             from tui.eval_view import EvalScreen
 
@@ -132,10 +134,11 @@ def run_app(
     collect: tuple[Config, str | None, str] | None = None,
     evaluate: tuple[str, list[str], str | None, bool] | None = None,
     blind: tuple[str, list[str], str | None] | None = None,
+    thumbs: bool = False,
 ) -> int:
     """The TUI; returns the exit status (1: ``evaluate`` ended on an error and no report was shown)."""
     if collect is not None:  # `duet collect`: the config is resolved already (its file and key=value overrides)
-        DuetApp(collect[0], collect=collect).run()
+        DuetApp(collect[0], collect=collect, thumbs=thumbs).run()
         return 0
     if evaluate is not None or blind is not None:  # `duet eval RUN --tui` / `--blind`: the run's own config
         app = DuetApp(evaluate=evaluate, blind=blind)

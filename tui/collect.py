@@ -1,5 +1,6 @@
 """The Collect screen: two answers from the user's model side by side, the person's verdict on each pair,
-every verdict appended at once to the judgements file (``duet collect PROMPTS --out FILE``).
+every verdict appended at once to the judgements file (``duet collect PROMPTS --out FILE``). With
+``--thumbs``, the Thumbs screen: one answer at a time, rated thumbs up or down (unpaired feedback, for KTO).
 
 The model loads in a thread worker and the answers are generated in the session's own background thread;
 the UI thread only reads what has streamed in (at most ``REFRESH_HZ`` times a second) and calls the
@@ -99,14 +100,15 @@ class EditDialog(ModalScreen[str | None]):
         Binding("escape", "cancel", "Cancel"),
     ]
 
-    def __init__(self, pane: str, text: str) -> None:
+    def __init__(self, pane: str, text: str, title: str | None = None) -> None:
         super().__init__()
         self.pane, self.text = pane, text
+        other = "right" if pane == "left" else "left"
+        self.title_text = title or f"Edit the {pane} answer: saved, it is chosen over the {other} one"
 
     def compose(self) -> ComposeResult:
-        other = "right" if self.pane == "left" else "left"
         with Vertical(classes="dialog wide"):
-            yield Label(f"Edit the {self.pane} answer: saved, it is chosen over the {other} one")
+            yield Label(self.title_text)
             yield TextArea(self.text, id="edited", soft_wrap=True)
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save", compact=True)
@@ -182,6 +184,8 @@ class CollectScreen(Screen):
     ALL_JUDGED_HINT: ClassVar[str] = "every prompt is judged: p adds one, T trains on them"
     RETRY_HINT: ClassVar[str] = "r tries again, s skips"
     STREAMING: ClassVar[bool] = True
+    PANES: ClassVar[tuple[str, ...]] = PANES  # the answer panes, by id prefix
+    READY: ClassVar[str] = "both answers ready: which is better?"
 
     def __init__(self, config: Config, prompts: str | None, out: str | Path) -> None:
         super().__init__()
@@ -198,7 +202,7 @@ class CollectScreen(Screen):
         with VerticalScroll(id="collect-prompt"):
             yield Static(Text(self.loading_text(), style="italic"), id="prompt-text")
         with Horizontal(id="answers"):
-            for pane in PANES:
+            for pane in self.PANES:
                 with AnswerPane(id=f"{pane}-pane", classes="answer"):
                     yield Static("", id=f"{pane}-text", markup=False)
         yield Static(Text("loading the model…", style="italic"), id="collect-status")
@@ -211,8 +215,8 @@ class CollectScreen(Screen):
         return f"loading {model.path}" + (f" with the adapter {model.adapter}" if model.adapter else "") + "…"
 
     def on_mount(self) -> None:
-        self.query_one("#left-pane").border_title = "1 · left"
-        self.query_one("#right-pane").border_title = "2 · right"
+        for pane in self.PANES:
+            self.query_one(f"#{pane}-pane").border_title = self.pane_title(pane)
         self.run_worker(self._open, thread=True, name="collect-open", exit_on_error=False)
         self.set_interval(1 / REFRESH_HZ, self._sync)
 
@@ -241,6 +245,22 @@ class CollectScreen(Screen):
     def open_session(self) -> CollectSession:
         """The session this screen drives (loads the model: called in the thread worker)."""
         return open_session(self.config, self.prompts, self.out, on_update=self._updated)
+
+    def pane_title(self, pane: str) -> str:
+        return {"left": "1 · left", "right": "2 · right"}[pane]
+
+    def pane_text(self, answers: Answers, pane: str) -> str:
+        """The text ``pane`` shows of ``answers``."""
+        return pane_text(answers, pane)
+
+    def tally_text(self) -> Text:
+        assert self.session is not None
+        tally = Text(self.session.tally().text(), style="dim")
+        tally.append(f"  → {self.out.name}")
+        return tally
+
+    def verdict_name(self, verdict: str) -> str:
+        return verdict.replace("_", " ")
 
     def _updated(self, answers: Answers) -> None:
         """A token streamed in (the generation thread): only flag it; `_sync` redraws at REFRESH_HZ."""
@@ -273,21 +293,19 @@ class CollectScreen(Screen):
         if self.session is None:
             return
         answers = self.session.current()
-        tally = Text(self.session.tally().text(), style="dim")
-        tally.append(f"  → {self.out.name}")
-        self.query_one("#tally", Static).update(tally)
+        self.query_one("#tally", Static).update(self.tally_text())
         if answers is None:
             self._set_prompt(Text(self.ALL_JUDGED, style="bold"))
-            for pane in PANES:
+            for pane in self.PANES:
                 self._set_pane(pane, "", "")
             self.query_one("#collect-status", Static).update(Text(self.ALL_JUDGED, style="bold green"))
             return
         self._set_prompt(prompt_text(answers))
         state = "failed" if answers.error else "ready" if answers.done else "generating…"
-        for pane in PANES:
-            text = pane_text(answers, pane) if answers.done or self.STREAMING else ""
+        for pane in self.PANES:
+            text = self.pane_text(answers, pane) if answers.done or self.STREAMING else ""
             self._set_pane(pane, text, state if text or not answers.done else "empty answer")
-        self.query_one("#collect-status", Static).update(status_text(answers, self.RETRY_HINT))
+        self.query_one("#collect-status", Static).update(status_text(answers, self.RETRY_HINT, self.READY))
 
     def _set_prompt(self, text: Text) -> None:
         widget = self.query_one("#prompt-text", Static)
@@ -350,9 +368,16 @@ class CollectScreen(Screen):
             if (current.index, current.attempt) != key:
                 self.notify("the pair changed while editing: nothing was recorded", severity="warning")
                 return
-            self._judged(self.session.judge(generated_side(current, pane), edited=text))
+            self._judged(self.session.judge(self.edit_verdict(current, pane), edited=text))
 
-        self.app.push_screen(EditDialog(pane, pane_text(answers, pane)), save)
+        self.app.push_screen(self.edit_dialog(pane, self.pane_text(answers, pane)), save)
+
+    def edit_verdict(self, answers: Answers, pane: str) -> str:
+        """What an edit of ``pane`` records: its side, preferred (the edit chosen over the other answer)."""
+        return generated_side(answers, pane)
+
+    def edit_dialog(self, pane: str, text: str) -> EditDialog:
+        return EditDialog(pane, text)
 
     def action_regenerate(self) -> None:
         if self._current(done=False) is not None and self.session is not None:
@@ -367,7 +392,7 @@ class CollectScreen(Screen):
         if record is None:
             self.notify("nothing to undo", timeout=2)
         else:
-            self.notify(f"undone: {record['duet']['verdict'].replace('_', ' ')}; the prompt is back", timeout=2)
+            self.notify(f"undone: {self.verdict_name(record['duet']['verdict'])}; the prompt is back", timeout=2)
         self.show()
 
     def action_add_prompt(self) -> None:
@@ -400,7 +425,7 @@ class CollectScreen(Screen):
         self.app.push_screen(DashboardScreen(session=TrainingSession(config)))
 
     def action_scroll(self, lines: int) -> None:
-        for pane in PANES:  # both together: the answers are read side by side
+        for pane in self.PANES:  # both together: the answers are read side by side
             self.query_one(f"#{pane}-pane", AnswerPane).scroll_relative(y=lines, animate=False)
 
     def action_quit(self) -> None:
@@ -418,9 +443,75 @@ def prompt_text(answers: Answers) -> Text:
     return text
 
 
-def status_text(answers: Answers, retry_hint: str = "r tries again, s skips") -> Text:
+def status_text(answers: Answers, retry_hint: str = "r tries again, s skips", ready: str = CollectScreen.READY) -> Text:
     if answers.error:
         return Text(f"generation failed: {answers.error} — {retry_hint}", style="bold red")
     if not answers.done:
         return Text("generating…", style="italic")
-    return Text("both answers ready: which is better?", style="green")
+    return Text(ready, style="green")
+
+
+THUMBS_ALL_RATED = "all prompts rated — p to add a prompt, u to undo, q to quit"
+THUMBS_NAMES = {"up": "thumbs up", "down": "thumbs down", "skip": "skip"}
+
+
+class ThumbsScreen(CollectScreen, inherit_bindings=False):
+    """One answer at a time, rated thumbs up or down (``duet collect PROMPTS --out FILE --thumbs``): unpaired
+    feedback, which KTO trains on. The pair screen's queue, background generation, undo and typed prompts;
+    an edit is recorded as a thumbs up on the edited text; "train on these" trains KTO on the file."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        # priority: ↑ ↓ would scroll the prompt; here they are the verdicts (the answer scrolls with PgUp/PgDn)
+        Binding("plus,1,up", "verdict('up')", "thumbs up", key_display="+/1/↑", priority=True),
+        Binding("minus,2,down", "verdict('down')", "thumbs down", key_display="-/2/↓", priority=True),
+        Binding("s", "skip", "skip"),
+        Binding("e", "edit('answer')", "edit → up"),  # the edit is recorded as a thumbs up
+        Binding("r", "regenerate", "regenerate"),
+        Binding("u", "undo", "undo"),
+        Binding("p", "add_prompt", "new prompt"),
+        Binding("T", "train", "train (KTO)", key_display="T"),
+        Binding("pageup", "scroll(-10)", "scroll", key_display="PgUp/Dn"),
+        Binding("pagedown", "scroll(10)", "page down", show=False),
+        Binding("q", "quit", "quit"),
+    ]
+    ALL_JUDGED: ClassVar[str] = THUMBS_ALL_RATED
+    ALL_JUDGED_HINT: ClassVar[str] = "every prompt is rated: p adds one, u takes the last rating back"
+    PANES: ClassVar[tuple[str, ...]] = ("answer",)
+    READY: ClassVar[str] = "ready: is this answer good (+) or bad (-)?"
+
+    def open_session(self) -> CollectSession:
+        return open_session(self.config, self.prompts, self.out, on_update=self._updated, thumbs=True)
+
+    def pane_title(self, pane: str) -> str:
+        return "the answer"
+
+    def pane_text(self, answers: Answers, pane: str) -> str:
+        return answers.texts[0]
+
+    def tally_text(self) -> Text:
+        assert self.session is not None
+        tally = Text(self.session.tally().text(), style="dim")
+        tally.append(f"  → {self.out}")  # the whole path, as given: where the ratings go
+        return tally
+
+    def verdict_name(self, verdict: str) -> str:
+        return THUMBS_NAMES.get(verdict, verdict)
+
+    def edit_verdict(self, answers: Answers, pane: str) -> str:
+        return "up"  # the edit is the answer the person wants: a thumbs up on it
+
+    def edit_dialog(self, pane: str, text: str) -> EditDialog:
+        return EditDialog(pane, text, title="Edit the answer: saved, the edit is recorded as a thumbs up")
+
+    def action_train(self) -> None:
+        from tui.dashboard import DashboardScreen
+        from tui.session import TrainingSession
+
+        if self.session is None:
+            self.notify(self.failure or "the model is still loading", severity="warning", timeout=2)
+            return
+        if self.session.tally().judged == 0:  # skips rate nothing
+            self.notify(f"{self.out.name} holds no rating yet: + or - first", severity="warning", timeout=4)
+            return
+        config = train_config_for(self.session.config, self.out, objective="kto")
+        self.app.push_screen(DashboardScreen(session=TrainingSession(config)))

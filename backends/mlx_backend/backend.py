@@ -94,6 +94,7 @@ class MlxBackend(Backend):
         self._micro_batches = 0  # drives the dropout seed
         self._compiled: dict[tuple[int, float, bool, bool], Any] = {}
         self.config_warnings: list[str] = []  # what the model's config says that mlx-lm ignores
+        self.batched_generation = True  # False: one row at a time (mlx-lm's generate_step), for benchmarks and checks
 
     # -- model and adapter ------------------------------------------------------------------------------
 
@@ -249,9 +250,10 @@ class MlxBackend(Backend):
         token_logps = self._token_logps()
         ops = self.ops
 
-        def loss(model, arrays, lengths, reference, has_reference, scale):
+        def loss(model, arrays, lengths, reference, labels, has_reference, scale):
             logps = self._logps(model, arrays, shared, token_logps, lengths.shape[0])
-            outputs = PolicyOutputs.from_rows(logps, lengths, reference if has_reference else None)
+            given = labels if objective.unpaired else None
+            outputs = PolicyOutputs.from_rows(logps, lengths, reference if has_reference else None, given)
             result = evaluate(objective, ops, outputs, nll_weight)
             # One auxiliary array (metrics, then per-pair margins): mx.compile over value_and_grad fails
             # ("_Map_base::at") when a function returns several auxiliary arrays (mlx 0.32).
@@ -268,15 +270,17 @@ class MlxBackend(Backend):
             if train:
                 value_and_grad = nn.value_and_grad(self.model, loss)
 
-                def step(arrays, lengths, reference, scale):
+                def step(arrays, lengths, reference, labels, scale):
                     (_, aux), grads = value_and_grad(
-                        self.model, arrays, lengths, reference, not objective.is_reference_free, scale
+                        self.model, arrays, lengths, reference, labels, not objective.is_reference_free, scale
                     )
                     return aux, grads
             else:
 
-                def step(arrays, lengths, reference, scale):
-                    _, aux = loss(self.model, arrays, lengths, reference, not objective.is_reference_free, scale)
+                def step(arrays, lengths, reference, labels, scale):
+                    _, aux = loss(
+                        self.model, arrays, lengths, reference, labels, not objective.is_reference_free, scale
+                    )
                     return aux
 
             # The model state is an output too: nn.value_and_grad writes the traced parameters into the model
@@ -303,7 +307,9 @@ class MlxBackend(Backend):
             if reference is None
             else np.asarray(reference, np.float32)
         )
-        outputs = step(arrays, lengths, ref, mx.array(scale, dtype=mx.float32))
+        pairs = len(batch.pair_indices)
+        labels = mx.array(np.zeros(pairs, np.float32) if batch.labels is None else batch.labels.astype(np.float32))
+        outputs = step(arrays, lengths, ref, labels, mx.array(scale, dtype=mx.float32))
         return outputs, names
 
     def forward_backward(
@@ -437,36 +443,29 @@ class MlxBackend(Backend):
         temperatures: list[float] | None = None,
         repetition_penalty: float = 1.0,
     ) -> list[list[int]]:
-        from mlx_lm.generate import generate_step
-        from mlx_lm.sample_utils import make_sampler
+        from backends.mlx_backend.generation import RowSampling, sample
 
         self.model.eval()
-        stops = set(stop_ids or [])
-        replies = []
-        with self._adapter(adapter):
-            for index, prompt in enumerate(prompts):
-                # one row at a time, each from its own seed: a row's answer does not depend on the batch
-                mx.random.seed(seeds[index] if seeds else seed + index)
-                tokens: list[int] = []
-                # mlx-lm's top_p of 0 (or 1) means no nucleus cut, as 1.0 does here
-                row_temperature = temperatures[index] if temperatures else temperature
-                sampler = make_sampler(temp=row_temperature, top_p=top_p if top_p < 1.0 else 0.0, top_k=top_k)
-                processors = [_repetition_penalty(repetition_penalty)] if repetition_penalty != 1.0 else None
-                steps = generate_step(
-                    mx.array(prompt),
-                    self.model,
-                    max_tokens=max_new_tokens,
-                    sampler=sampler,
-                    logits_processors=processors,
-                )
-                for token, _ in steps:
-                    token = int(token)
-                    if token in stops:
-                        break
-                    tokens.append(token)
-                    if stream is not None:
-                        stream(index, token)
-                replies.append(tokens)
+        rows = [
+            RowSampling(
+                temperature=temperatures[index] if temperatures else temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seeds[index] if seeds else seed + index,
+                repetition_penalty=repetition_penalty,
+            )
+            for index in range(len(prompts))
+        ]
+        with self._adapter(adapter):  # every row decoded together, each from its own key chain (see generation)
+            replies = sample(
+                self.model,
+                prompts,
+                rows,
+                max_new_tokens=max_new_tokens,
+                stop_ids=stop_ids or [],
+                stream=stream,
+                batched=self.batched_generation,
+            )
         mx.random.seed(self._base_seed * 1_000_003 + self._micro_batches)  # training draws stay as they were
         return replies
 
@@ -488,16 +487,3 @@ class MlxBackend(Backend):
             figures["peak_device"] = float(mx.get_peak_memory())
             figures["device"] = float(mx.get_active_memory())
         return figures
-
-
-def _repetition_penalty(penalty: float):
-    """transformers' repetition penalty over every token seen (prompt and answer), for mlx-lm's generation
-    (mlx-lm's own looks at the last 20 tokens only): the same settings give the same answers on both backends."""
-
-    def process(tokens: mx.array, logits: mx.array) -> mx.array:
-        seen = mx.zeros((logits.shape[-1],), dtype=mx.bool_)
-        seen[tokens.reshape(-1)] = True
-        penalized = mx.where(logits < 0, logits * penalty, logits / penalty)
-        return mx.where(seen, penalized, logits)
-
-    return process

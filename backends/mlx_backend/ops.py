@@ -15,6 +15,9 @@ class MlxOps:
     def relu(self, x: mx.array) -> mx.array:
         return mx.maximum(x, 0.0)
 
+    def sigmoid(self, x: mx.array) -> mx.array:
+        return mx.sigmoid(x)
+
     def mean(self, x: mx.array) -> mx.array:
         return mx.mean(x)
 

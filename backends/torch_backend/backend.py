@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from backends.torch_backend.kernel import (
     shared_prompt_mask,
 )
 from backends.torch_backend.ops import TorchOps
+from backends.torch_backend.threads import LoadSample, ThreadChoice, choose_threads, environment_threads, usable_cores
 from core.backend import (
     Backend,
     BackendError,
@@ -205,7 +207,12 @@ class TorchBackend(Backend):
         collective: Collective = SINGLE,
         share_prompts: bool | str = "auto",
         generation_precision: str = "float32",
+        threads: int | str = "auto",
     ) -> None:
+        self.threads = threads  # model.threads: a count, or "auto" (see threads.py)
+        # auto watches the machine's load from now until the model has loaded (only when it will be used)
+        self._load = LoadSample() if threads == "auto" and environment_threads(os.environ) is None else None
+        self.thread_choice: ThreadChoice | None = None
         self.share_prompts = share_prompts  # True, False or "auto": pack each prompt once
         self.generation_precision = generation_precision  # "float32", "bfloat16" or "auto" (see generation_model)
         self._generation_models: dict[bool, tuple[Any, Any]] = {}  # adapter on/off → (weights' key, model)
@@ -258,6 +265,7 @@ class TorchBackend(Backend):
         # must stay fp32 (rotary frequencies, modules transformers keeps in fp32)
         model.to(self.device)
         model.config.use_cache = False
+        self._apply_threads(sum(p.numel() for p in model.parameters()))
         if self.gradient_checkpointing:
             enable_checkpointing(model)
         for parameter in model.parameters():
@@ -265,6 +273,17 @@ class TorchBackend(Backend):
         self.model, self.tokenizer = model, tokenizer
         self.model_location, self.model_revision = location, None
         self._transform = logit_transform(model.config)
+
+    def _apply_threads(self, parameters: int) -> None:
+        """Set torch's CPU thread count for this process, before any heavy work (the model is loaded, nothing
+        has run on it yet). Inter-op threads are left alone: training runs no inter-op parallel work, and torch
+        allows setting them only once per process."""
+        busy = self._load.busy_cores() if self._load is not None else 0.0
+        self._load = None
+        self.thread_choice = choose_threads(
+            self.threads, os.environ, usable_cores(), busy, parameters, accelerator=self.device.type != "cpu"
+        )
+        torch.set_num_threads(self.thread_choice.threads)
 
     def attach_lora(self, lora: LoraConfig, adapter_path: str | None = None) -> None:
         from peft import LoraConfig as PeftLoraConfig
@@ -382,7 +401,8 @@ class TorchBackend(Backend):
         # float32, or the log-probs' own precision when wider (float64 checks of exactness)
         lengths = torch.from_numpy(batch.response_lengths).to(self.device, dtype=logps.dtype)
         ref = None if reference is None else torch.from_numpy(np.asarray(reference)).to(self.device, logps.dtype)
-        return evaluate(objective, self.ops, PolicyOutputs.from_rows(logps, lengths, ref), nll_weight)
+        labels = None if batch.labels is None else torch.from_numpy(batch.labels).to(self.device, logps.dtype)
+        return evaluate(objective, self.ops, PolicyOutputs.from_rows(logps, lengths, ref, labels), nll_weight)
 
     def _step_result(self, batch: Batch, result) -> StepResult:
         metrics = {key: float(value) for key, value in result.metrics.items()}
@@ -607,6 +627,9 @@ class TorchBackend(Backend):
 
     def info(self) -> BackendInfo:
         details: dict[str, Any] = {"torch": torch.__version__}
+        if self.thread_choice is not None:
+            details["threads"] = self.thread_choice.threads
+            details["threads_source"] = self.thread_choice.source
         if self.device.type == "cuda":
             details["gpu"] = torch.cuda.get_device_name(self.device)
         return BackendInfo("torch", str(self.device), str(self.dtype).replace("torch.", ""), details)

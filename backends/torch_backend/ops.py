@@ -15,6 +15,9 @@ class TorchOps:
     def relu(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x)
 
+    def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean()
 

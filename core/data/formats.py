@@ -51,6 +51,7 @@ class PairParts:
     system: str | None = None
     score_chosen: float | None = None
     score_rejected: float | None = None
+    label: bool | None = None  # the unpaired format: the rating of ``chosen`` (``rejected`` is empty)
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,30 @@ def _normalize_hh_rlhf(row: Mapping[str, Any]) -> PairParts:
     return _finish(prompt, chosen_reply, rejected_reply)
 
 
+def _label(row: Mapping[str, Any]) -> bool:
+    value = _require(row, "label")
+    if not isinstance(value, bool):
+        raise RowError(
+            "label",
+            f"expected true (a desirable reply) or false (an undesirable one), got {_type_name(value)} {value!r}",
+            "wrong type",
+        )
+    return value
+
+
+def _normalize_unpaired(row: Mapping[str, Any]) -> PairParts:
+    """One rated reply (TRL's unpaired preference format), text or messages."""
+    raw_prompt = _require(row, "prompt")
+    if isinstance(raw_prompt, str):
+        prompt = [Message("user", _non_empty_text(raw_prompt, "prompt"))]
+    else:
+        prompt = _messages(raw_prompt, "prompt")
+    completion = _reply(_require(row, "completion"), "completion")
+    label = _label(row)
+    parts = _finish(prompt, completion, "", _optional_system(row))
+    return PairParts(parts.prompt, parts.chosen, "", parts.system, label=label)
+
+
 def _is_message_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, Mapping) for m in value)
 
@@ -374,6 +399,12 @@ def _has_prompt_turns(value: Any) -> bool:
 
 
 FORMATS: tuple[Format, ...] = (
+    Format(
+        "unpaired",
+        "{prompt: str or [messages], completion: str or [assistant message], label: true|false} (KTO)",
+        lambda r: "completion" in r and "chosen" not in r and "rejected" not in r,
+        _normalize_unpaired,
+    ),
     Format(
         "sharegpt",
         "{conversations: [{from, value}...], chosen: {from, value}, rejected: {from, value}}",

@@ -34,13 +34,19 @@ class LoadReport:
     unpreferred_judgements: int = 0  # collected ties, "both bad" and skips: recorded, not trained on
     multi_turn: int = 0
     with_system: int = 0
+    desirable: int = 0  # unpaired examples rated desirable (thumbs-up)
+    undesirable: int = 0
+    warnings: list[str] = field(default_factory=list)  # said before training, with the tokenizer's
 
     @property
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
 
     def summary_lines(self) -> list[str]:
-        lines = [f"{display_path(self.source)}: format {self.format}, {self.rows} rows → {self.pairs} pairs"]
+        what = f"{self.pairs} pairs"
+        if self.desirable or self.undesirable:
+            what = f"{self.pairs} examples ({self.desirable} desirable, {self.undesirable} undesirable)"
+        lines = [f"{display_path(self.source)}: format {self.format}, {self.rows} rows → {what}"]
         details = [f"{self.multi_turn} multi-turn", f"{self.with_system} with a system message"]
         if self.duplicates:
             dropped = ", dropped" if self.duplicates_dropped else ""
@@ -218,5 +224,12 @@ def _normalize(raw: RawRow, fmt: Format, rename, columns: Mapping[str, str]) -> 
         )
     parts = fmt.normalize(rename(raw.data))
     return PreferencePair(
-        parts.prompt, parts.chosen, parts.rejected, parts.system, raw.location, parts.score_chosen, parts.score_rejected
+        parts.prompt,
+        parts.chosen,
+        parts.rejected,
+        parts.system,
+        raw.location,
+        parts.score_chosen,
+        parts.score_rejected,
+        parts.label,
     )

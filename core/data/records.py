@@ -37,7 +37,12 @@ class Message:
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """A prompt (all its turns, and an optional system message) with a preferred and a dispreferred reply."""
+    """A prompt (all its turns, and an optional system message) with a preferred and a dispreferred reply.
+
+    An unpaired example (KTO: one reply rated desirable or not) is held in the same shape, so it is
+    tokenized, batched, cached and prefix-shared as a pair is: ``chosen`` is the rated reply, ``label`` its
+    rating, and ``rejected`` the reply of another example, the mismatched sample KTO's KL baseline is
+    estimated on (see ``core.data.unpaired``)."""
 
     prompt: tuple[Message, ...]
     chosen: str
@@ -46,6 +51,11 @@ class PreferencePair:
     location: Location | None = field(default=None, compare=False)
     score_chosen: float | None = field(default=None, compare=False)
     score_rejected: float | None = field(default=None, compare=False)
+    label: bool | None = None  # unpaired examples only: True desirable (thumbs-up), False undesirable
+
+    @property
+    def is_unpaired(self) -> bool:
+        return self.label is not None
 
     def conversation(self) -> list[dict[str, str]]:
         """The prompt as chat-template messages, system turn first when there is one."""

@@ -22,6 +22,7 @@ from core.objectives.dpo import DPO  # noqa: E402 - the classes tests and benchm
 from core.objectives.dpo_norm import LengthNormalizedDPO  # noqa: E402
 from core.objectives.hinge import Hinge  # noqa: E402
 from core.objectives.ipo import IPO  # noqa: E402
+from core.objectives.kto import KTO  # noqa: E402
 from core.objectives.orpo import ORPO  # noqa: E402
 from core.objectives.sft import SFT  # noqa: E402
 from core.objectives.simpo import SimPO  # noqa: E402
@@ -29,6 +30,7 @@ from core.objectives.simpo import SimPO  # noqa: E402
 __all__ = [
     "DPO",
     "IPO",
+    "KTO",
     "OBJECTIVES",
     "ORPO",
     "SFT",

@@ -33,10 +33,14 @@ class PolicyOutputs:
     rejected_lengths: Array
     reference_chosen_logps: Array | None = None
     reference_rejected_logps: Array | None = None
+    labels: Array | None = None  # [B], 1.0 desirable / 0.0 undesirable: unpaired examples (KTO) only
 
     @classmethod
-    def from_rows(cls, logps: Array, lengths: Array, reference: Array | None) -> PolicyOutputs:
-        """From a batch's row layout, ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]`` (all [2B])."""
+    def from_rows(
+        cls, logps: Array, lengths: Array, reference: Array | None, labels: Array | None = None
+    ) -> PolicyOutputs:
+        """From a batch's row layout, ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]`` (all [2B]);
+        ``labels`` [B] for unpaired examples, whose rejected rows are their mismatched replies."""
         pairs = lengths.shape[0] // 2
         return cls(
             logps[:pairs],
@@ -45,6 +49,7 @@ class PolicyOutputs:
             lengths[pairs:],
             None if reference is None else reference[:pairs],
             None if reference is None else reference[pairs:],
+            labels,
         )
 
 
@@ -70,14 +75,17 @@ class Objective(ABC):
     """A per-pair preference loss, declared once: a subclass with a ``name`` registers itself, and the config
     (names, defaults, validation), ``--help``, the TUI and the model card read its declaration.
 
-    Declaration: ``name``; ``summary`` (one line of help); ``is_reference_free``; ``default_beta`` (None: the
-    objective takes no β); ``options``, the optional settings it accepts among ``label_smoothing``, ``robust``
-    and ``gamma``. ``from_config`` builds it from an ``ObjectiveConfig``; ``check_config`` adds checks of its own.
+    Declaration: ``name``; ``summary`` (one line of help); ``is_reference_free``; ``unpaired`` (it trains on
+    rated single replies, KTO, rather than pairs); ``default_beta`` (None: the objective takes no β);
+    ``options``, the optional settings it accepts among ``label_smoothing``, ``robust``, ``gamma``,
+    ``desirable_weight`` and ``undesirable_weight``. ``from_config`` builds it from an ``ObjectiveConfig``;
+    ``check_config`` adds checks of its own.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     is_reference_free: ClassVar[bool] = False
+    unpaired: ClassVar[bool] = False
     default_beta: ClassVar[float | None] = 0.1
     options: ClassVar[frozenset[str]] = frozenset()
 
@@ -156,4 +164,6 @@ def metric_names(objective: Objective, nll_weight: float) -> list[str]:
     from core.objectives.ops import NumpyOps
 
     one = np.ones(1)
-    return sorted(evaluate(objective, NumpyOps(), PolicyOutputs(one, one, one, one, one, one), nll_weight).metrics)
+    labels = one if objective.unpaired else None
+    outputs = PolicyOutputs(one, one, one, one, one, one, labels)
+    return sorted(evaluate(objective, NumpyOps(), outputs, nll_weight).metrics)

@@ -22,6 +22,9 @@ class ArrayOps(Protocol):
 
     def relu(self, x: Array) -> Array: ...
 
+    def sigmoid(self, x: Array) -> Array:
+        """σ(x) = 1 / (1 + e^−x), without overflow for large |x|."""
+
     def mean(self, x: Array) -> Array:
         """The mean over all elements, as a 0-d array."""
 
@@ -45,6 +48,9 @@ class NumpyOps:
 
     def relu(self, x: np.ndarray) -> np.ndarray:
         return np.maximum(x, 0.0)
+
+    def sigmoid(self, x: np.ndarray) -> np.ndarray:
+        return np.exp(self.log_sigmoid(x))
 
     def mean(self, x: np.ndarray) -> np.ndarray:
         return np.mean(x)

@@ -28,8 +28,13 @@ def reference_losses(
     label_smoothing: float = 0.0,
     robust: bool = False,
     nll_weight: float = 0.0,
+    labels: np.ndarray | None = None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    kl_estimate: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-pair losses and rewards, the mean loss, and the metrics, all in float64."""
+    """Per-pair losses and rewards, the mean loss, and the metrics, all in float64. KTO: ``labels`` rate each
+    example; ``kl_estimate`` holds z0 fixed (the objective detaches it: finite differences must too)."""
     pc, pr = np.float64(policy_chosen), np.float64(policy_rejected)
     extra: dict[str, np.ndarray] = {}  # an objective's own metrics
     lc, lr = np.float64(chosen_lengths), np.float64(rejected_lengths)
@@ -62,6 +67,28 @@ def reference_losses(
             "logps/chosen": mean_chosen.mean(),
             "logps/rejected": mean_rejected.mean(),
         }
+    elif name == "kto":  # Ethayarajh et al., 2024, eq. 8, with TRL's z0: the clamped mean mismatched log-ratio
+        desirable = np.asarray(labels, dtype=bool)
+        ratio = pc - np.float64(reference_chosen)
+        z0 = max(float(np.mean(pr - np.float64(reference_rejected))), 0.0) if kl_estimate is None else kl_estimate
+        value = np.where(
+            desirable,
+            desirable_weight / (1.0 + np.exp(-beta * (ratio - z0))),
+            undesirable_weight / (1.0 + np.exp(-beta * (z0 - ratio))),
+        )
+        losses = np.where(desirable, desirable_weight, undesirable_weight) - value  # λ_y − v(x, y)
+        signed = np.where(desirable, 1.0, -1.0) * beta * (ratio - z0)
+        chosen_rewards, rejected_rewards = signed, np.zeros_like(signed)
+        good, bad = beta * ratio[desirable], beta * ratio[~desirable]
+        extra = {
+            "kl": np.float64(z0),
+            "rewards/chosen": good.mean() if good.size else np.float64(0.0),
+            "rewards/rejected": bad.mean() if bad.size else np.float64(0.0),
+            "rewards/accuracies": np.where(desirable, ratio > z0, ratio < z0).mean(),
+            "logps/chosen": pc[desirable].mean() if good.size else np.float64(0.0),
+            "logps/rejected": pc[~desirable].mean() if bad.size else np.float64(0.0),
+        }
+        extra["rewards/margins"] = extra["rewards/chosen"] - extra["rewards/rejected"]
     elif name == "sft":
         chosen_rewards, rejected_rewards = pc / lc, pr / lr
         losses = -pc / lc
