@@ -226,3 +226,39 @@ def test_a_sliding_window_model_generates_as_transformers_does() -> None:
 
     cache = StaticCache(config=model.config, max_cache_len=40)
     assert _prefill_distinct(model, prompts, cache, 27, torch.device("cpu")) is None
+
+
+class PastKeyValuesForward(torch.nn.Module):
+    """A model as transformers ≤ 5.17 wrote them: the KV cache comes in as ``past_key_values``; a ``cache``
+    argument would fall into ``**kwargs`` unused (here: an error)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        assert "cache" not in kwargs, "the cache was passed by a name this forward does not take"
+        return self.inner(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=past_key_values,
+            **kwargs,
+        )
+
+
+def test_the_cache_goes_by_the_name_the_models_forward_takes(torch_demo) -> None:
+    from backends.torch_backend.generation import cache_argument, sample
+
+    backend, chat = torch_demo
+    model = backend.model.get_base_model()
+    old = PastKeyValuesForward(model)
+    assert (cache_argument(backend.model), cache_argument(model), cache_argument(old)) == (
+        "cache",
+        "cache",
+        "past_key_values",
+    )
+    prompts = _prompts(chat)
+    rows = [RowSampling(temperature=0.8, seed=i) for i in range(len(prompts))]
+    settings = {"max_new_tokens": 12, "stop_ids": chat.stop_ids, "pad_id": chat.pad_id, "device": torch.device("cpu")}
+    assert sample(old, prompts, rows, **settings) == sample(model, prompts, rows, **settings)

@@ -44,6 +44,17 @@ def _filtered_probs(logits: torch.Tensor, row: RowSampling) -> torch.Tensor:
     return probs
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name the model's forward takes its KV cache by: ``cache`` in recent transformers, ``past_key_values``
+    before (5.17 and older). A wrong name is not an error there: it lands in ``**kwargs``, the cache is never
+    filled, and every decoding step would see only its one new token."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes it through
+    parameters = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def sample(
     model: torch.nn.Module,
@@ -75,15 +86,16 @@ def sample(
     # preallocated for the longest the batch can get: a growing cache copies every key and value at each
     # step (a batch of 16 long prompts spent more time in those copies and their page faults than in the model)
     cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
-    logits = _prefill_distinct(model, prompts, cache, width, device)
+    cache_name = cache_argument(model)
+    logits = _prefill_distinct(model, prompts, cache, width, device, cache_name)
     if logits is None:  # a cache layout this code does not know: the whole left-padded batch at once
         logits = model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{cache_name: cache},
         ).logits[:, -1, :]
     penalties = torch.tensor([row.repetition_penalty for row in rows], dtype=torch.float32, device=device)[:, None]
     penalize = bool((penalties != 1.0).any())
@@ -114,13 +126,23 @@ def sample(
         mask = torch.cat([mask, torch.ones((count, 1), dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
         logits = model(
-            input_ids=step, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            input_ids=step,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_name: cache},
         ).logits[:, -1, :]
     return outputs
 
 
 def _prefill_distinct(
-    model: torch.nn.Module, prompts: list[list[int]], cache: Any, width: int, device: torch.device
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    cache: Any,
+    width: int,
+    device: torch.device,
+    cache_name: str = "cache",
 ) -> torch.Tensor | None:
     """Each distinct prompt run once, alone and unpadded, its keys and values copied into every row of the
     batch's static cache that asks it (right-aligned, as left padding puts them); the last position's logits
@@ -147,9 +169,9 @@ def _prefill_distinct(
         out = model(
             input_ids=torch.tensor([prompt], dtype=torch.long, device=device),
             position_ids=torch.arange(length, device=device)[None],
-            cache=alone,
             use_cache=True,
             logits_to_keep=1,
+            **{cache_name: alone},
         )
         if logits is None:
             logits = out.logits.new_empty((count, out.logits.shape[-1]))
