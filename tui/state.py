@@ -34,6 +34,7 @@ TRAIN_SERIES = (
     "nll_loss",
     "log_odds_ratio",
     "log_odds_chosen",
+    "kl",
 )
 LOG_KINDS = (
     "start",

@@ -222,6 +222,7 @@ def step_figures(latest: TrainStep, training: bool) -> list[Text]:
         ("rewards/margins", "margin", ".3f"),
         ("rewards/accuracies", "acc", ".2f"),
         ("log_odds_chosen", "log odds", ".3f"),  # ORPO's own: the chosen over the rejected reply, in log odds
+        ("kl", "KL", ".3f"),  # KTO's own: z0, its estimate of KL(policy ‖ reference), the reference point
     ):
         value = latest.metrics.get(key)
         if isinstance(value, (int, float)):
