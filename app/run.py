@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -176,7 +177,7 @@ def _resumed_run(
         if collective.is_main:
             run_dir.remove_stale_temporaries()
         collective.barrier()
-        backend, data, objective = _prepare(cfg, collective, device, hooks)
+        backend, data, objective = _prepare(_same_threads(cfg, run_dir), collective, device, hooks)
         run_dir.check_fingerprints(_fingerprints(data))
         job = Job(cfg, backend, data, objective, run_dir, collective, hooks, resumed=True)
         state = _restore(job)
@@ -186,6 +187,18 @@ def _resumed_run(
                 write_text(run_dir.config_file, cfg.to_yaml())
         collective.barrier()  # the metrics are cut back before any rank goes on
         return _execute(job, state)
+
+
+def _same_threads(cfg: Config, run_dir: RunDirectory) -> Config:
+    """The config a resumed run builds its backend with: with model.threads=auto (and no OMP_NUM_THREADS),
+    the thread count the run started on, not one chosen again on a machine now more or less busy; another
+    count splits the reductions differently, and the resumed steps would not be bit-exact."""
+    if cfg.model.threads != "auto" or os.environ.get("OMP_NUM_THREADS"):
+        return cfg
+    started = [e for e in read_metrics(run_dir.metrics_file) if isinstance(e, RunStarted) and e.threads]
+    if not started:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, threads=started[0].threads))
 
 
 def _restore(job: Job) -> TrainerState | None:
@@ -343,6 +356,7 @@ def _start_event(job: Job, state: TrainerState) -> RunStarted:
         eval_pairs=len(data.eval.tokenized) if data.eval else 0,
         trainable_parameters=backend.trainable_parameters(),
         total_parameters=backend.total_parameters(),
+        threads=count_threads,
         world_size=collective.world_size,
         message=f"{'resuming' if job.resumed else 'training'} {cfg.objective.name} on {info.name} "
         f"({info.device}, {info.dtype}{processes}{threads}): {len(data.train.tokenized)} "

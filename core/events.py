@@ -81,6 +81,7 @@ class RunStarted(Event):
     eval_pairs: int = 0
     trainable_parameters: int = 0
     total_parameters: int = 0
+    threads: int | None = None  # the CPU threads the backend runs on (None: a backend that does not say)
     world_size: int = 1
 
 

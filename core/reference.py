@@ -76,19 +76,38 @@ def compute_reference(
     pad_to_multiple_of: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReferenceLogps:
-    """Log-probs of every pair under the reference model, batched longest first, with no gradient."""
-    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)
+    """Log-probs of every pair under the reference model, with no gradient: longest first, in batches of
+    about the tokens of ``batch_size`` of the longest pairs (see ``token_batches``)."""
     chosen = np.zeros(len(pairs))
     rejected = np.zeros(len(pairs))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    done = 0
+    for rows in token_batches(pairs, batch_size):
         batch = collate([pairs[i] for i in rows], pad_id, pad_to_multiple_of)
         logps = backend.sequence_logps(batch, adapter=adapter)
         chosen[rows], rejected[rows] = logps[: len(rows)], logps[len(rows) :]
         faults.reach("reference.batch")
+        done += len(rows)
         if progress is not None:
-            progress(min(start + batch_size, len(order)), len(order))
+            progress(done, len(pairs))
     return ReferenceLogps(np.array([p.index for p in pairs], dtype=np.int64), chosen, rejected)
+
+
+def token_batches(pairs: list[TokenizedPair], batch_size: int) -> list[list[int]]:
+    """The pairs' indices longest first, cut into batches by tokens: each holds as many pairs as fit in the
+    padded size of the first batch (``batch_size`` of the longest pairs). A pass of fixed pair counts runs its
+    short pairs in batches a fraction of that size, each paying a forward's fixed costs for little work; by
+    tokens, no batch is larger than the first, so memory peaks where it did."""
+    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].length)
+    if not order:
+        return []
+    budget = batch_size * pairs[order[0]].length
+    batches: list[list[int]] = [[]]
+    for index in order:
+        width = pairs[batches[-1][0]].length if batches[-1] else pairs[index].length  # sorted: the first is widest
+        if batches[-1] and (len(batches[-1]) + 1) * width > budget:
+            batches.append([])
+        batches[-1].append(index)
+    return batches
 
 
 def load_or_compute(

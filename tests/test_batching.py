@@ -76,3 +76,25 @@ def test_without_shuffle_every_epoch_takes_the_pairs_in_order() -> None:
         [0, 1, 2, 3],
         [4, 5, 6, 7],
     ]
+
+
+def test_the_reference_pass_batches_by_tokens_never_above_the_first_batch() -> None:
+    from core.reference import token_batches
+    from core.tokenization import TokenizedPair
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(4, 200, 97)
+    pairs = [
+        TokenizedPair(i, np.zeros(3, np.int32), np.zeros(n - 3, np.int32), np.zeros(1, np.int32))
+        for i, n in enumerate(lengths)
+    ]
+    batches = token_batches(pairs, batch_size=4)
+    assert sorted(i for b in batches for i in b) == list(range(97))
+    order = [i for b in batches for i in b]
+    assert [pairs[i].length for i in order] == sorted(lengths, reverse=True)  # longest first
+    budget = 4 * int(lengths.max())
+    assert len(batches[0]) == 4
+    for batch in batches:
+        assert len(batch) * max(pairs[i].length for i in batch) <= budget
+    assert len(batches[-1]) > 4 * 2  # the short pairs go many to a batch
+    assert token_batches([], 4) == []

@@ -46,3 +46,17 @@ def test_the_torch_variants_train_the_same_losses() -> None:
     for name, figures in runs.items():
         assert figures["variant"] == name and figures["steps"] == 3
         assert figures["losses"] == pytest.approx(base, rel=1e-5), name
+
+
+def test_the_reference_pass_bench_compares_the_same_log_probs(tmp_path) -> None:
+    import json
+
+    from bench import reference_pass
+
+    out = tmp_path / "reference.json"
+    assert reference_pass.main(["--workload", "demo", "--pairs", "12", "--batch-size", "4", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["pairs"] == 12 and figures["duet"]["batches"] <= figures["duet, fixed pairs"]["batches"]
+    for name in ("duet, fixed pairs", "transformers"):
+        assert figures[name]["max_abs_logp_difference_to_duet"] < 1e-4  # float32 sums of ~30 tokens
+        assert figures[name]["tokens_per_second"] > 0

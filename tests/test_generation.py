@@ -262,3 +262,23 @@ def test_the_cache_goes_by_the_name_the_models_forward_takes(torch_demo) -> None
     rows = [RowSampling(temperature=0.8, seed=i) for i in range(len(prompts))]
     settings = {"max_new_tokens": 12, "stop_ids": chat.stop_ids, "pad_id": chat.pad_id, "device": torch.device("cpu")}
     assert sample(old, prompts, rows, **settings) == sample(model, prompts, rows, **settings)
+
+
+def test_rows_drawn_together_equal_rows_drawn_one_by_one() -> None:
+    """The unfiltered rows of a step share one softmax and one cumulative sum: each row still draws the
+    token its own generator and distribution give, as when drawn alone (the same uniform, the same sum)."""
+    from backends.torch_backend.generation import _choose, _draw
+
+    logits = torch.randn((6, 4099), generator=torch.Generator().manual_seed(0)) * 4
+    rows = [RowSampling(temperature=t, seed=i) for i, t in enumerate((1.0, 0.7, 1.0, 0.0, 0.7, 1.3))]
+    for step in range(50):
+        together = _choose(
+            logits, rows, [torch.Generator().manual_seed(r.seed * 100 + step) for r in rows], [False] * 6
+        )
+        alone = [
+            int(logits[i].argmax())
+            if row.temperature <= 0
+            else _draw(_filtered_probs(logits[i], row), torch.Generator().manual_seed(row.seed * 100 + step))
+            for i, row in enumerate(rows)
+        ]
+        assert together == alone

@@ -173,3 +173,33 @@ def test_background_load_starts_and_stops_its_processes() -> None:
     assert all(spinner.returncode is not None for spinner in spinners)
     with background_load(0) as none:
         assert none == []
+
+
+def test_a_resumed_run_keeps_the_thread_count_it_started_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_threads
+) -> None:
+    """auto chooses once, when the run starts: resumed on a machine now busier, it keeps that count (another
+    count splits reductions differently, and the resumed steps would not be bit-exact)."""
+    import io
+
+    from rich.console import Console
+
+    from core.run import run
+    from core.trainer import RunControl
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "auto_threads", lambda *a, **k: 2)
+    control = RunControl()
+
+    def stop_at_two(event) -> None:
+        if event["type"] == "train" and event["step"] == 2:
+            control.request_stop("test interruption")
+
+    config = quick_config(tmp_path, model={"threads": "auto"}, train={"max_steps": 4, "save_every": 1})
+    quiet = Console(file=io.StringIO())
+    first = run(config, console=quiet, callback=stop_at_two, control=control)
+    assert first.stopped
+    monkeypatch.setattr(threads, "auto_threads", lambda *a, **k: 1)  # the machine got busy meanwhile
+    resumed = run(resume=first.run_dir, console=quiet)
+    starts = [e for e in resumed.events if e["type"] == "start"]
+    assert [e["threads"] for e in starts] == [2] and torch.get_num_threads() == 2

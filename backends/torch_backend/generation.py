@@ -190,14 +190,29 @@ def _prefill_distinct(
 def _choose(
     logits: torch.Tensor, rows: list[RowSampling], generators: list[torch.Generator], done: list[bool]
 ) -> list[int]:
-    greedy = logits.argmax(dim=-1).tolist()
-    chosen = []
+    chosen = logits.argmax(dim=-1).tolist()
+    plain: dict[float, list[int]] = {}  # temperature → rows sampled from the whole distribution
     for index, row in enumerate(rows):
         if done[index] or row.temperature <= 0:
-            chosen.append(int(greedy[index]))
             continue
-        chosen.append(_draw(_filtered_probs(logits[index], row), generators[index]))
-    return chosen
+        if row.top_k == 0 and row.top_p >= 1.0:
+            plain.setdefault(row.temperature, []).append(index)
+        else:
+            chosen[index] = _draw(_filtered_probs(logits[index], row), generators[index])
+    for temperature, indices in plain.items():  # the common case, one softmax and one cumsum for all its rows
+        probs = torch.softmax(logits[indices] / temperature, dim=-1)
+        for index, token in zip(indices, _draw_rows(probs, [generators[i] for i in indices]), strict=True):
+            chosen[index] = token
+    return [int(token) for token in chosen]
+
+
+def _draw_rows(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
+    """``_draw`` for each row of ``probs`` [rows, vocab], each with its own generator: the same tokens."""
+    cumulative = probs.double().cumsum(-1)
+    uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+    points = uniforms.to(cumulative.device) * cumulative[:, -1]
+    indices = torch.searchsorted(cumulative, points[:, None], right=True)[:, 0]
+    return indices.clamp(max=probs.shape[-1] - 1).tolist()
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
