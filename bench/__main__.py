@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench.background import background_load, describe
-from bench.flops import add_mfu, run_flops
+from bench.flops import add_cpu_mfu, add_mfu, run_flops
 from bench.worker import chunk_setting
 from bench.workloads import WORKLOADS
 from core.atomic import write_json
@@ -113,7 +113,7 @@ def table(workload: str, rows: list[dict], load: int = 0) -> Table:
     columns = ["variant", "device", "threads", "s/step (median)", "total s (prep+ref+steps)", "reference s"]
     columns += ["pairs/s", "tokens/s"]
     mfu = any(r.get("mfu") for r in rows)
-    columns += ["peak memory"] + (["MFU"] if mfu else []) + [f"loss {step}" for step in loss_steps]
+    columns += ["peak memory"] + (["MFU", "step MFU"] if mfu else []) + [f"loss {step}" for step in loss_steps]
     for column in columns:
         view.add_column(column, justify="left" if column == "variant" else "right")
     for row in rows:
@@ -131,10 +131,14 @@ def table(workload: str, rows: list[dict], load: int = 0) -> Table:
             f"{row['pairs_per_second']:.3f}",
             f"{row['tokens_per_second']:.0f}" if row.get("tokens_per_second") else "-",
             f"{peak(row) / GIB:.2f} GiB",
-            *([f"{row['mfu']:.1%}" if row.get("mfu") else "-"] if mfu else []),
+            *([_share(row.get("mfu")), _share(row.get("step_mfu"))] if mfu else []),
             *(f"{losses[step - 1]:.5f}" if step <= len(losses) else "-" for step in loss_steps),
         )
     return view
+
+
+def _share(value: float | None) -> str:
+    return f"{value:.1%}" if value else "-"
 
 
 def comparisons(rows: list[dict]) -> list[str]:
@@ -218,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     merged = merge(rows)
     if any(r.get("gpu") for r in merged) or args.peak_tflops:
         add_mfu(merged, run_flops(WORKLOADS[args.workload], args.steps, args.pairs), args.peak_tflops)
+    elif args.device == "cpu":  # against this machine's own matrix-product speed, measured now (idle)
+        add_cpu_mfu(merged, run_flops(WORKLOADS[args.workload], args.steps, args.pairs))
     console.print(table(args.workload, merged, args.background_load))
     for line in comparisons(merged):
         console.print(line, highlight=False)

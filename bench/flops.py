@@ -1,5 +1,6 @@
-"""Model FLOPs utilization (MFU) for `duet bench` on a GPU: the useful model FLOPs of a run ÷ its wall time ÷ the
-GPU's dense bf16 peak.
+"""Model FLOPs utilization (MFU) for `duet bench`: the useful model FLOPs of a run ÷ its wall time ÷ a peak: on
+a GPU its dense bf16 peak; on the CPU the float32 matrix-product speed the bench measures itself (a large GEMM on
+the thread count the variant ran on), so "close to the limit" means close to what this machine's BLAS does.
 
 Useful FLOPs, the same for every tool (they train the same pairs in the same order, so the work is set by the
 data, not by how a tool does it): per token of every chosen and rejected sequence (prompt + reply), 6·N, where
@@ -71,6 +72,43 @@ def run_flops(workload: Workload, steps: int, pairs: int | None) -> float:
     return float(sum(6 * weights * t + 12 * layers * width * t * t for t in sequence_lengths(workload, steps, pairs)))
 
 
+def measured_gemm_tflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matrix-product speed on ``threads`` threads: the best of ``repeats`` products of
+    two ``size``² matrices (2·size³ FLOPs each), after one to warm up."""
+    import time
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randn((size, size), generator=generator)
+        b = torch.randn((size, size), generator=generator)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * size**3 / best / 1e12
+
+
+def add_cpu_mfu(rows: list[dict], flops: float) -> None:
+    """MFU of CPU rows against the measured GEMM speed on each row's own thread count."""
+    peaks: dict[int, float] = {}
+    for row in rows:
+        threads = row.get("threads")
+        if "error" in row or not threads:
+            continue
+        if threads not in peaks:
+            peaks[threads] = measured_gemm_tflops(int(threads))
+        add_mfu([row], flops, peaks[threads])
+        row["peak_source"] = f"measured fp32 GEMM, {threads} thread{'s' if threads != 1 else ''}"
+
+
 def add_mfu(rows: list[dict], flops: float, peak: float | None) -> None:
     """Give every measured row its ``mfu`` (a fraction of ``peak`` TFLOP/s, over the run's total wall time)."""
     for row in rows:
@@ -80,3 +118,8 @@ def add_mfu(rows: list[dict], flops: float, peak: float | None) -> None:
         own = peak or peak_tflops(row.get("gpu"))
         row["peak_tflops"] = own
         row["mfu"] = flops / row["total_seconds"] / (own * 1e12) if own else None
+        # a training step is the policy's forward and backward: two thirds of the useful FLOPs (the reference
+        # pass is the other third), over the median step's time
+        steps = row.get("steps") or 0
+        per_step = flops * 2 / 3 / steps if steps else None
+        row["step_mfu"] = per_step / row["seconds_per_step"] / (own * 1e12) if own and per_step else None

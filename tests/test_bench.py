@@ -60,3 +60,20 @@ def test_the_reference_pass_bench_compares_the_same_log_probs(tmp_path) -> None:
     for name in ("duet, fixed pairs", "transformers"):
         assert figures[name]["max_abs_logp_difference_to_duet"] < 1e-4  # float32 sums of ~30 tokens
         assert figures[name]["tokens_per_second"] > 0
+
+
+def test_cpu_mfu_is_measured_against_this_machines_gemm_on_the_rows_threads() -> None:
+    from bench.flops import add_cpu_mfu, measured_gemm_tflops
+
+    peak = measured_gemm_tflops(1, size=256, repeats=2)
+    assert 0 < peak < 100  # TFLOP/s: one CPU thread
+    rows = [
+        {"variant": "a", "threads": 1, "total_seconds": 2.0, "seconds_per_step": 0.5, "steps": 3},
+        {"variant": "b", "error": "failed"},
+    ]
+    add_cpu_mfu(rows, flops=3e9)
+    row = rows[0]
+    assert row["peak_source"] == "measured fp32 GEMM, 1 thread" and row["peak_tflops"] > 0
+    assert row["mfu"] == pytest.approx(3e9 / 2.0 / (row["peak_tflops"] * 1e12))
+    assert row["step_mfu"] == pytest.approx(3e9 * 2 / 3 / 3 / 0.5 / (row["peak_tflops"] * 1e12))
+    assert "mfu" not in rows[1]
