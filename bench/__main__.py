@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     merged = merge(rows)
     if any(r.get("gpu") for r in merged) or args.peak_tflops:
         add_mfu(merged, run_flops(WORKLOADS[args.workload], args.steps, args.pairs), args.peak_tflops)
-    elif args.device == "cpu":  # against this machine's own matrix-product speed, measured now (idle)
+    elif merged and all(r.get("device") == "cpu" for r in merged if "error" not in r):  # this machine's own
+        # matrix-product speed, measured now (idle), is the CPU's peak
         add_cpu_mfu(merged, run_flops(WORKLOADS[args.workload], args.steps, args.pairs))
     console.print(table(args.workload, merged, args.background_load))
     for line in comparisons(merged):
