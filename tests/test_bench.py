@@ -77,3 +77,15 @@ def test_cpu_mfu_is_measured_against_this_machines_gemm_on_the_rows_threads() ->
     assert row["mfu"] == pytest.approx(3e9 / 2.0 / (row["peak_tflops"] * 1e12))
     assert row["step_mfu"] == pytest.approx(3e9 * 2 / 3 / 3 / 0.5 / (row["peak_tflops"] * 1e12))
     assert "mfu" not in rows[1]
+
+
+def test_the_step_profile_puts_every_operator_in_a_group(capsys) -> None:
+    from bench import profile_step
+
+    assert profile_step.group_of("aten::mm") == "matrix products"
+    assert profile_step.group_of("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert profile_step.group_of("aten::_foreach_lerp_") == "optimizer (AdamW)"
+    assert profile_step.group_of("aten::logsumexp") == "softmax / log-softmax"
+    assert profile_step.main(["--workload", "demo", "--steps", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "matrix products" in shown and "outside operators" in shown
