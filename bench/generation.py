@@ -17,7 +17,6 @@ backend generated before it batched), and counts the rows whose answers are the 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.api import ChatTokenizer, create_backend, read_prompts, resolve_config, resolve_model
+from core.atomic import write_json
 
 PROMPTS = Path(__file__).resolve().parents[1] / "models" / "smollm2" / "eval.json"
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure_one(backend, chat, int(b), args.tokens, args.repeats) for b in args.batches.split(",")]
     Console().print((_mlx_table if args.backend == "mlx" else _torch_table)(args, backend, rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(args.json, rows)  # atomically: an interrupted run never leaves half a results file
     return 0
 
 

@@ -17,7 +17,6 @@ Tokens/s counts the real (unpadded) tokens of both rows. The log-probs of the th
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -27,6 +26,7 @@ from rich.table import Table
 from app.api import ChatTokenizer, config_from_dict, create_backend
 from bench.worker import model_folder, workload_pairs
 from bench.workloads import WORKLOADS
+from core.atomic import write_json
 from core.batching import collate
 from core.reference import compute_reference, token_batches
 from core.tokenization import tokenize_pairs
@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     Console().print(table)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"pairs": len(pairs), "tokens": tokens, "threads": torch.get_num_threads(), **results}, handle)
+        write_json(args.json, {"pairs": len(pairs), "tokens": tokens, "threads": torch.get_num_threads(), **results})
     return 0
 
 

@@ -443,6 +443,13 @@ class Config:
         sections = (self.model, self.data, self.lora, self.objective, self.train, self.sampling, self.judge)
         for section in (*sections, self.rounds, self.evaluation):
             section.validate()
+        if self.data.unpaired and not OBJECTIVES[self.objective.name].unpaired:
+            takers = [name for name, cls in OBJECTIVES.items() if cls.unpaired]
+            raise ConfigError(
+                f"data.unpaired splits pairs into rated examples for {_naming(takers)}; objective "
+                f"{self.objective.name} trains on the pairs themselves. Remove data.unpaired, or set "
+                f"objective.name={takers[0]}."
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -340,5 +340,9 @@ def test_kto_refuses_an_nll_term_and_takes_its_class_weights() -> None:
         ObjectiveConfig(name="dpo", desirable_weight=1.2).validate()
     with pytest.raises(ConfigError, match="must be > 0"):
         ObjectiveConfig(name="kto", undesirable_weight=0.0).validate()
+    from core.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=r"data\.unpaired splits pairs into rated examples for kto; objective dpo"):
+        config_from_dict({"data": {"unpaired": True}, "objective": {"name": "dpo"}}).validate()
     kto = build_objective(ObjectiveConfig(name="kto", desirable_weight=1.3))
     assert (kto.beta, kto.desirable_weight, kto.undesirable_weight) == (0.1, 1.3, 1.0)

@@ -443,19 +443,20 @@ class MlxBackend(Backend):
         temperatures: list[float] | None = None,
         repetition_penalty: float = 1.0,
     ) -> list[list[int]]:
-        from backends.mlx_backend.generation import RowSampling, sample
+        from backends.mlx_backend.generation import sample
+        from core.sampling import sampling_rows
 
         self.model.eval()
-        rows = [
-            RowSampling(
-                temperature=temperatures[index] if temperatures else temperature,
-                top_p=top_p,
-                top_k=top_k,
-                seed=seeds[index] if seeds else seed + index,
-                repetition_penalty=repetition_penalty,
-            )
-            for index in range(len(prompts))
-        ]
+        rows = sampling_rows(
+            len(prompts),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            seeds=seeds,
+            temperatures=temperatures,
+            repetition_penalty=repetition_penalty,
+        )
         with self._adapter(adapter):  # every row decoded together, each from its own key chain (see generation)
             replies = sample(
                 self.model,

@@ -16,26 +16,18 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler
 
+from core.sampling import RowSampling
+
 PREFILL_CHUNK = 2048  # prompt tokens per forward in the prefill (mlx-lm's generate_step default)
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
-
-
-@dataclass(frozen=True)
-class RowSampling:
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no limit
-    seed: int = 0
-    repetition_penalty: float = 1.0  # > 1 discourages every token already in the prompt or the answer
 
 
 class RowSampler:

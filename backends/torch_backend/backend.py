@@ -568,19 +568,20 @@ class TorchBackend(Backend):
         temperatures: list[float] | None = None,
         repetition_penalty: float = 1.0,
     ) -> list[list[int]]:
-        from backends.torch_backend.generation import RowSampling, sample
+        from backends.torch_backend.generation import sample
+        from core.sampling import sampling_rows
 
         self.model.eval()
-        rows = [
-            RowSampling(
-                temperature=temperatures[index] if temperatures else temperature,
-                top_p=top_p,
-                top_k=top_k,
-                seed=seeds[index] if seeds else seed + index,
-                repetition_penalty=repetition_penalty,
-            )
-            for index in range(len(prompts))
-        ]
+        rows = sampling_rows(
+            len(prompts),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            seeds=seeds,
+            temperatures=temperatures,
+            repetition_penalty=repetition_penalty,
+        )
         model = self.generation_model(adapter)
         with self._adapter_disabled(adapter) if model is self.model else contextlib.nullcontext(), self._autocast():
             return sample(

@@ -13,19 +13,11 @@ argmax: the same tokens as ``generate(do_sample=False)``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-
-@dataclass(frozen=True)
-class RowSampling:
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no limit
-    seed: int = 0
-    repetition_penalty: float = 1.0  # > 1 discourages every token already in the prompt or the answer
+from core.sampling import RowSampling
 
 
 def _filtered_probs(logits: torch.Tensor, row: RowSampling) -> torch.Tensor:

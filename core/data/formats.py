@@ -263,12 +263,16 @@ def _normalize_explicit(row: Mapping[str, Any]) -> PairParts:
     )
 
 
-def _normalize_conversational(row: Mapping[str, Any]) -> PairParts:
+def _prompt_turns(row: Mapping[str, Any]) -> list[Message]:
+    """The ``prompt`` field: one user turn given as text, or the turns as messages."""
     raw_prompt = _require(row, "prompt")
     if isinstance(raw_prompt, str):
-        prompt = [Message("user", _non_empty_text(raw_prompt, "prompt"))]
-    else:
-        prompt = _messages(raw_prompt, "prompt")
+        return [Message("user", _non_empty_text(raw_prompt, "prompt"))]
+    return _messages(raw_prompt, "prompt")
+
+
+def _normalize_conversational(row: Mapping[str, Any]) -> PairParts:
+    prompt = _prompt_turns(row)
     return _finish(
         prompt,
         _reply(_require(row, "chosen"), "chosen"),
@@ -377,11 +381,7 @@ def _label(row: Mapping[str, Any]) -> bool:
 
 def _normalize_unpaired(row: Mapping[str, Any]) -> PairParts:
     """One rated reply (TRL's unpaired preference format), text or messages."""
-    raw_prompt = _require(row, "prompt")
-    if isinstance(raw_prompt, str):
-        prompt = [Message("user", _non_empty_text(raw_prompt, "prompt"))]
-    else:
-        prompt = _messages(raw_prompt, "prompt")
+    prompt = _prompt_turns(row)
     completion = _reply(_require(row, "completion"), "completion")
     label = _label(row)
     parts = _finish(prompt, completion, "", _optional_system(row))
