@@ -404,11 +404,14 @@ def _evaluate_at_end(job: Job, state: TrainerState) -> None:
 
 
 def _finished(job: Job, state: TrainerState) -> RunResult:
-    """Rank 0 exports the adapter (the same on every rank) into the run directory; the others wait for it: a
-    rank that tears its process group down while another still uses it can abort in gloo's teardown."""
+    """Rank 0 exports the adapter (the same on every rank) into the run directory and writes the reports; the
+    others wait for all of it: a rank that tears its process group down while another still uses it can abort
+    in gloo's teardown (seen once as "terminate called without an active exception" on rank 1 while rank 0
+    still sampled the demo's replies)."""
     emit, run_dir, final = job.emit, job.run_dir, job.emit.final_metrics()
     if not job.collective.is_main:
-        job.collective.barrier()
+        job.collective.barrier()  # the adapter is written
+        job.collective.barrier()  # rank 0 is done: every rank tears down together
         return RunResult(run_dir.path, run_dir.adapter_dir, final, state, events=emit.history)
     with atomic_directory(run_dir.adapter_dir, replace=True) as folder:
         job.backend.save_adapter(folder)
@@ -437,6 +440,7 @@ def _finished(job: Job, state: TrainerState) -> RunResult:
             message=f"done: the adapter is in {run_dir.adapter_dir}",
         )
     )
+    job.collective.barrier()
     return RunResult(run_dir.path, run_dir.adapter_dir, final, state, demo=demo, events=emit.history)
 
 

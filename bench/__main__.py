@@ -3,13 +3,15 @@
     duet bench --workload qwen-small --variants duet-torch,trl,trl-precompute --steps 16
 
 Variants: duet-torch (add -gc for gradient checkpointing, -unshared to compute each prompt twice, -naive
-for full logits), duet-mlx (-gc, -unshared), trl (TRL's DPOTrainer with a PEFT LoRA config, its defaults),
-trl-precompute (precompute_ref_log_probs=True), trl-liger (TRL with use_liger_kernel=True: CUDA and the
-liger-kernel package; reported as unavailable without them). TRL comes with the `bench` extra. On a GPU that
-bench/flops.py knows (or with --peak-tflops), each row also gets its MFU. Thread variants: duet-torch takes
-model.threads=auto (OMP_NUM_THREADS in the environment wins over auto), duet-torch-threads1 one thread,
-duet-torch-threads-torch torch's own default (one a core). --background-load N runs N spinning processes
-beside every variant, for how it fares on a busy machine.
+for full logits, -peft-lora for PEFT's own LoRA forward instead of Duet's fused one, -bf16 and -bf16-gc for
+bf16 weights under autocast, on a CPU too), duet-mlx (-gc, -unshared), trl (TRL's DPOTrainer with a PEFT
+LoRA config, its defaults), trl-precompute (precompute_ref_log_probs=True), trl-bf16 (bf16=True), trl-liger
+(TRL with use_liger_kernel=True: CUDA and the liger-kernel package; reported as unavailable without them).
+TRL comes with the `bench` extra. On a GPU that bench/flops.py knows (or with --peak-tflops), each row also
+gets its MFU; on the CPU, against this machine's own GEMM speed in the row's dtype. Thread variants:
+duet-torch takes model.threads=auto (OMP_NUM_THREADS in the environment wins over auto), duet-torch-threads1
+one thread, duet-torch-threads-torch torch's own default (one a core). --background-load N runs N spinning
+processes beside every variant, for how it fares on a busy machine.
 """
 
 from __future__ import annotations

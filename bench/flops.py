@@ -1,6 +1,7 @@
 """Model FLOPs utilization (MFU) for `duet bench`: the useful model FLOPs of a run ÷ its wall time ÷ a peak: on
-a GPU its dense bf16 peak; on the CPU the float32 matrix-product speed the bench measures itself (a large GEMM on
-the thread count the variant ran on), so "close to the limit" means close to what this machine's BLAS does.
+a GPU its dense bf16 peak; on the CPU the matrix-product speed the bench measures itself (a large GEMM in the
+variant's dtype, float32 or bfloat16, on the thread count it ran on), so "close to the limit" means close to what
+this machine's BLAS does in that precision.
 
 Useful FLOPs, the same for every tool (they train the same pairs in the same order, so the work is set by the
 data, not by how a tool does it): per token of every chosen and rejected sequence (prompt + reply), 6·N, where
@@ -72,9 +73,9 @@ def run_flops(workload: Workload, steps: int, pairs: int | None) -> float:
     return float(sum(6 * weights * t + 12 * layers * width * t * t for t in sequence_lengths(workload, steps, pairs)))
 
 
-def measured_gemm_tflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
-    """This machine's float32 matrix-product speed on ``threads`` threads: the best of ``repeats`` products of
-    two ``size``² matrices (2·size³ FLOPs each), after one to warm up."""
+def measured_gemm_tflops(threads: int, dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+    """This machine's matrix-product speed in ``dtype`` on ``threads`` threads: the best of ``repeats`` products
+    of two ``size``² matrices (2·size³ FLOPs each), after one to warm up."""
     import time
 
     import torch
@@ -83,8 +84,8 @@ def measured_gemm_tflops(threads: int, size: int = 2048, repeats: int = 5) -> fl
     torch.set_num_threads(threads)
     try:
         generator = torch.Generator().manual_seed(0)
-        a = torch.randn((size, size), generator=generator)
-        b = torch.randn((size, size), generator=generator)
+        a = torch.randn((size, size), generator=generator).to(getattr(torch, dtype))
+        b = torch.randn((size, size), generator=generator).to(getattr(torch, dtype))
         torch.mm(a, b)
         best = float("inf")
         for _ in range(repeats):
@@ -97,16 +98,19 @@ def measured_gemm_tflops(threads: int, size: int = 2048, repeats: int = 5) -> fl
 
 
 def add_cpu_mfu(rows: list[dict], flops: float) -> None:
-    """MFU of CPU rows against the measured GEMM speed on each row's own thread count."""
-    peaks: dict[int, float] = {}
+    """MFU of CPU rows against the measured GEMM speed in each row's own dtype and thread count (a bf16 row
+    against bf16 products: on a CPU with AMX they run several times faster than fp32's)."""
+    peaks: dict[tuple[int, str], float] = {}
     for row in rows:
         threads = row.get("threads")
         if "error" in row or not threads:
             continue
-        if threads not in peaks:
-            peaks[threads] = measured_gemm_tflops(int(threads))
-        add_mfu([row], flops, peaks[threads])
-        row["peak_source"] = f"measured fp32 GEMM, {threads} thread{'s' if threads != 1 else ''}"
+        dtype = "bfloat16" if row.get("dtype") == "bfloat16" else "float32"
+        if (threads, dtype) not in peaks:
+            peaks[threads, dtype] = measured_gemm_tflops(int(threads), dtype)
+        add_mfu([row], flops, peaks[threads, dtype])
+        short = "bf16" if dtype == "bfloat16" else "fp32"
+        row["peak_source"] = f"measured {short} GEMM, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def add_mfu(rows: list[dict], flops: float, peak: float | None) -> None:

@@ -2,10 +2,11 @@
 
     python -m bench.profile_step --workload smollm2-135m --steps 2
 
-The workload's pairs, reference pass and steps as `duet bench` runs them (duet-torch), the first step as a
-warm-up, then ``--steps`` steps under ``torch.profiler``. Each operator's own CPU time (not counting the
-operators it calls) is put in one group: matrix products, attention, the softmax / log-softmax of the
-log-prob kernel, normalization, element-wise arithmetic, the optimizer, copies and layout, autograd's
+The workload's pairs, reference pass and steps as `duet bench` runs them (duet-torch, or the variant named by
+``--variant``; ``--dtype bfloat16`` for bf16 under autocast), the first step as a warm-up, then ``--steps``
+steps under ``torch.profiler``. Each operator's own CPU time (not counting the operators it calls) is put in
+one group: matrix products, attention, the softmax / log-softmax of the log-prob kernel, normalization,
+element-wise arithmetic, the optimizer, copies and layout, autograd's
 bookkeeping; what no operator accounts for is Python and the framework around them.
 """
 
@@ -68,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.split("\n")[0])
     parser.add_argument("--workload", default="smollm2-135m", choices=sorted(WORKLOADS))
     parser.add_argument("--steps", type=int, default=2, help="steps profiled after one warm-up step")
+    parser.add_argument(
+        "--variant",
+        default="duet-torch",
+        help="a duet-torch bench variant (duet-torch-gc: with gradient checkpointing; duet-torch-peft-lora: "
+        "PEFT's own LoRA forward)",
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
 
     import torch
@@ -81,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     from core.trainer import TrainData, micro_batches, optimizer_step
 
     workload = WORKLOADS[args.workload]
-    variant = VARIANTS["duet-torch"]
-    config = duet_config(workload, variant, args.steps + 1, "cpu", "float32")
+    if not args.variant.startswith("duet-torch") or args.variant not in VARIANTS:
+        parser.error(f"--variant {args.variant}: not a duet-torch variant of the bench")
+    variant = VARIANTS[args.variant]
+    config = duet_config(workload, variant, args.steps + 1, "cpu", args.dtype)
     backend = make_backend(config, variant)
     chat = ChatTokenizer(backend.tokenizer)
     pairs, _ = tokenize_pairs(
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds["outside operators (Python, dispatch)"] = max(0.0, wall - sum(seconds.values()))
 
     table = Table(
-        title=f"{args.workload}: {args.steps} Duet steps profiled, {wall:.1f} s wall "
+        title=f"{args.workload}, {args.variant}, {args.dtype}: {args.steps} Duet steps profiled, {wall:.1f} s wall "
         f"({wall / args.steps:.2f} s a step, {torch.get_num_threads()} threads, under the profiler)"
     )
     for column in ("group", "seconds", "share", "largest operators"):

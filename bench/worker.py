@@ -41,6 +41,8 @@ class Variant:
     full_logits: bool = False
     # model.threads = torch's own default (one thread a core), what Duet ran with before model.threads existed
     torch_default_threads: bool = False
+    # PEFT's own LoRA forward instead of Duet's fused one (backends/torch_backend/lora.py), no user setting
+    peft_lora: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -50,12 +52,19 @@ VARIANTS: dict[str, Variant] = {
     "duet-torch-unshared": Variant("duet", {"model.backend": "torch", "model.share_prompts": False}),
     "duet-torch-threads1": Variant("duet", {"model.backend": "torch", "model.threads": 1}),
     "duet-torch-threads-torch": Variant("duet", {"model.backend": "torch"}, torch_default_threads=True),
+    "duet-torch-peft-lora": Variant("duet", {"model.backend": "torch"}, peft_lora=True),
+    # bf16 weights, products under bf16 autocast, fp32 LoRA weights: on a CPU with AMX or AVX512-BF16 too
+    "duet-torch-bf16": Variant("duet", {"model.backend": "torch", "model.dtype": "bfloat16"}),
+    "duet-torch-bf16-gc": Variant(
+        "duet", {"model.backend": "torch", "model.dtype": "bfloat16", "model.gradient_checkpointing": True}
+    ),
     "duet-mlx": Variant("duet", {"model.backend": "mlx"}),
     "duet-mlx-gc": Variant("duet", {"model.backend": "mlx", "model.gradient_checkpointing": True}),
     "duet-mlx-unshared": Variant("duet", {"model.backend": "mlx", "model.share_prompts": False}),
     "trl": Variant("trl"),
     "trl-precompute": Variant("trl", {"precompute_ref_log_probs": True}),
     "trl-liger": Variant("trl", {"use_liger_kernel": True}),  # CUDA only: Liger's kernels are Triton's
+    "trl-bf16": Variant("trl", {"bf16": True}),  # bf16 weights and TRL's autocast, on a CPU too
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -204,6 +213,8 @@ def make_backend(config: Config, variant: Variant):
     backend = create_backend(config)
     if variant.full_logits:
         backend.naive_logits = True
+    if variant.peft_lora:
+        backend.fuse_lora = False
     backend.load_model(config.model.path)
     backend.seed(config.train.seed)
     backend.attach_lora(config.lora)
@@ -393,7 +404,9 @@ def measure_trl(workload: Workload, variant: str, steps: int, device: str, dtype
 
     folder = model_folder(workload)
     cuda = device in ("auto", "cuda") and torch.cuda.is_available()
-    bf16 = cuda and dtype in ("auto", "bfloat16")
+    # bf16 on the GPU by default; on the CPU when asked (--dtype bfloat16 or trl-bf16: TRL's autocast)
+    settings = dict(VARIANTS[variant].settings)
+    bf16 = settings.pop("bf16", (cuda and dtype == "auto") or dtype == "bfloat16")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if bf16 else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     rows = [
@@ -438,7 +451,7 @@ def measure_trl(workload: Workload, variant: str, steps: int, device: str, dtype
             report_to="none",
             disable_tqdm=True,
             seed=0,
-            **VARIANTS[variant].settings,
+            **settings,
         )
         lora = LoraConfig(
             r=workload.lora_rank,
@@ -456,7 +469,7 @@ def measure_trl(workload: Workload, variant: str, steps: int, device: str, dtype
             peft_config=lora,
             callbacks=[StepTimer()],
         )
-        precomputed = VARIANTS[variant].settings.get("precompute_ref_log_probs", False)
+        precomputed = settings.get("precompute_ref_log_probs", False)
         reference_seconds = time.perf_counter() - prepare_started if precomputed else 0.0
         set_lora_start_torch(trainer.model)
         trainer.train()

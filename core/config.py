@@ -44,7 +44,9 @@ class ModelConfig:
         "auto", "torch backend only: cuda, mps or cpu; auto: the first of them this machine has"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "weights and compute dtype; auto: bfloat16 on CUDA, else float32"
+        "auto",
+        "weights and compute dtype; auto: bfloat16 on CUDA, else float32. bfloat16 on a CPU with AMX or "
+        "AVX512-BF16: bf16 weights, products under autocast, fp32 LoRA weights (faster, less memory, not exact)",
     )
     adapter: str | None = option(None, "start from an existing adapter (PEFT or mlx-lm folder); null: a fresh LoRA")
     trust_remote_code: bool = option(False, "let a model folder's own Python code run (only for models you trust)")

@@ -204,22 +204,27 @@ def test_dpo_step_in_float32_on_cuda_matches_the_cpu(cpu_step) -> None:
         )
 
 
-def test_dpo_step_in_bf16_on_cuda_is_close_to_the_cpu(cpu_step) -> None:
-    cpu, batch, (reference, policy, loss, grads) = cpu_step
-    cuda = demo_backend("cuda", "bfloat16", lora_from=cpu)
-    cuda_reference, cuda_policy, cuda_loss, cuda_grads = dpo_step(cuda, batch)
-    np.testing.assert_allclose(cuda_reference, reference, rtol=2e-2)
-    np.testing.assert_allclose(cuda_policy, policy, rtol=2e-2)
-    pairs = batch.num_pairs
-    moved = np.abs(cuda_reference - reference) + np.abs(cuda_policy - policy)
+def assert_bf16_step_is_close(bf16_step, fp32_step, pairs: int) -> None:
+    """A bf16 DPO step against the float32 one, with the module docstring's bf16 tolerances (also used by
+    test_torch_backend.py for bf16 on the CPU)."""
+    (bf16_reference, bf16_policy, bf16_loss, bf16_grads), (reference, policy, loss, grads) = bf16_step, fp32_step
+    np.testing.assert_allclose(bf16_reference, reference, rtol=2e-2)
+    np.testing.assert_allclose(bf16_policy, policy, rtol=2e-2)
+    moved = np.abs(bf16_reference - reference) + np.abs(bf16_policy - policy)
     per_pair = moved[:pairs] + moved[pairs:]  # chosen and rejected, policy and reference
-    assert abs(cuda_loss - loss) <= BETA * per_pair.max() + 1e-6
+    assert abs(bf16_loss - loss) <= BETA * per_pair.max() + 1e-6
     everything = torch.cat([g.flatten() for g in grads.values()])
-    ours = torch.cat([cuda_grads[n].flatten() for n in grads])
+    ours = torch.cat([bf16_grads[n].flatten() for n in grads])
     assert relative_error(ours, everything) <= 1e-1
     for name, expected in grads.items():
-        cosine = torch.nn.functional.cosine_similarity(cuda_grads[name].flatten(), expected.flatten(), dim=0)
+        cosine = torch.nn.functional.cosine_similarity(bf16_grads[name].flatten(), expected.flatten(), dim=0)
         assert float(cosine) >= 0.98, name
+
+
+def test_dpo_step_in_bf16_on_cuda_is_close_to_the_cpu(cpu_step) -> None:
+    cpu, batch, fp32_step = cpu_step
+    cuda = demo_backend("cuda", "bfloat16", lora_from=cpu)
+    assert_bf16_step_is_close(dpo_step(cuda, batch), fp32_step, batch.num_pairs)
 
 
 def test_bf16_autocast_keeps_the_lora_weights_in_float32(cpu_step) -> None:

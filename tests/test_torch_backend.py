@@ -205,3 +205,32 @@ def test_non_finite_gradients_are_not_applied(backend_and_batch) -> None:
     after = backend.adapter_weights()
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in backend.model.parameters())
+
+
+def test_bf16_on_the_cpu_runs_under_autocast_and_stays_close_to_float32(tmp_path) -> None:
+    """model.dtype=bfloat16 on a CPU (fast where it has AMX or AVX512-BF16): the base in bf16, the LoRA weights
+    and their gradients in fp32, the products under bf16 autocast. A bf16 model is another model (every weight
+    rounded to 8 bits), so against float32 only plausibility holds, with test_cuda.py's bf16 tolerances:
+    log-probs within 2e-2, the loss within what the log-prob differences allow, gradients the same way."""
+    from tests.test_cuda import assert_bf16_step_is_close, demo_backend, demo_batch, dpo_step
+
+    cpu = demo_backend("cpu", "float32")
+    batch = demo_batch(tmp_path, cpu.tokenizer)
+    fp32_step = dpo_step(cpu, batch)
+    bf16 = demo_backend("cpu", "bfloat16", lora_from=cpu)
+    trainable = [p for p in bf16.model.parameters() if p.requires_grad]
+    base = [p for n, p in bf16.model.named_parameters() if n.endswith("base_layer.weight")]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert base and all(p.dtype == torch.bfloat16 for p in base)
+    produced: list[tuple[bool, torch.dtype]] = []
+    layer = next(m for n, m in bf16.model.named_modules() if n.endswith("q_proj"))
+    handle = layer.register_forward_hook(
+        lambda module, args, output: produced.append((torch.is_autocast_enabled("cpu"), output.dtype))
+    )
+    try:
+        bf16_step = dpo_step(bf16, batch)
+    finally:
+        handle.remove()
+    assert produced and set(produced) == {(True, torch.bfloat16)}  # every LoRA layer ran under bf16 autocast
+    assert_bf16_step_is_close(bf16_step, fp32_step, batch.num_pairs)
+    assert all(p.grad.dtype == torch.float32 for p in trainable)
