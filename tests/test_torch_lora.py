@@ -16,15 +16,16 @@ from tests.helpers import float64_throughout, tiny_causal_lm
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_model(dtype: torch.dtype, dropout: float = 0.0):
+def lora_model(dtype: torch.dtype, dropout: float = 0.0, lora_bias: bool = False):
     model = tiny_causal_lm("llama", vocab=97, seed=0).to(dtype)
     if dtype == torch.float64:
         float64_throughout(model)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS)).to(dtype)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS, lora_bias=lora_bias)
+    peft = get_peft_model(model, config).to(dtype)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in peft.named_parameters():
-            if "lora_B" in name:  # non-zero, so the update is not trivially 0
+            if "lora_B" in name:  # non-zero (the bias too), so the update is not trivially 0
                 parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.05)
     return peft
 
@@ -71,9 +72,11 @@ def test_a_disabled_adapter_is_the_base_model_and_merging_still_works() -> None:
     assert (merged - tuned).abs().max() <= 1e-10 * tuned.abs().max()
 
 
-def test_what_the_fused_path_does_not_cover_goes_to_peft() -> None:
-    """Dropout (a random mask PEFT draws): the same results as PEFT's, bit for bit."""
-    plain = lora_model(torch.float64, dropout=0.1)
+@pytest.mark.parametrize("settings", [{"dropout": 0.1}, {"lora_bias": True}])
+def test_what_the_fused_path_does_not_cover_goes_to_peft(settings) -> None:
+    """Dropout (a random mask PEFT draws) and a bias on B (an adapter trained with PEFT's lora_bias): the same
+    results as PEFT's, bit for bit."""
+    plain = lora_model(torch.float64, **settings)
     fused = copy.deepcopy(plain)
     fuse_lora_layers(fused)
     input_ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(4))

@@ -11,18 +11,20 @@ It is the same sum in a different rounding order (equal to PEFT's within float32
 Under bf16 autocast with bf16 base weights (a CPU or GPU run with model.dtype=bfloat16) the products run in
 bf16 as under PEFT, but the update is added inside the GEMM's fp32 accumulator, rounded once instead of twice,
 and without PEFT's round trip of every input through fp32. Anything this path does not cover goes to PEFT's own
-forward: a disabled or merged adapter, several active adapters, DoRA and other variants, dropout, extra
-arguments, and mixed dtypes without autocast.
+forward: a disabled or merged adapter, several active adapters, DoRA and other variants, dropout, a bias on
+the B matrix (``lora_bias``), extra arguments, and mixed dtypes without autocast.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 
+@functools.cache
 def fused_lora_class(peft_linear: type) -> type:
     """A subclass of PEFT's ``lora.Linear`` with the fused forward (made per PEFT class, so isinstance checks,
     merging and saving all behave as PEFT's)."""
@@ -53,6 +55,8 @@ def fused_lora_class(peft_linear: type) -> type:
             base = self.base_layer
             if type(base) is not torch.nn.Linear:
                 return None
+            if self.lora_B[name].bias is not None:  # PEFT's lora_bias=True (an adapter a user brings may have it)
+                return None
             lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
             if base.weight.dtype != x.dtype:
                 return None
@@ -72,13 +76,10 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
     """Give every plain PEFT ``lora.Linear`` in ``model`` the fused forward; returns how many layers."""
     from peft.tuners.lora import Linear as PeftLoraLinear
 
-    fused_class = _FUSED.setdefault(PeftLoraLinear, fused_lora_class(PeftLoraLinear))
+    fused_class = fused_lora_class(PeftLoraLinear)
     count = 0
     for module in model.modules():
         if type(module) is PeftLoraLinear:
             module.__class__ = fused_class
             count += 1
     return count
-
-
-_FUSED: dict[type, type] = {}
