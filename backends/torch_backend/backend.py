@@ -21,6 +21,7 @@ import torch
 from backends.torch_backend.host_memory import return_freed_memory_promptly
 from backends.torch_backend.kernel import (
     gathered_sequence_logps,
+    head_blocking,
     logit_transform,
     naive_sequence_logps,
     shared_prompt_mask,
@@ -35,7 +36,6 @@ from core.backend import (
     StepResult,
     UpdateResult,
     check_adapter_fits,
-    chunk_positions,
     peak_rss_bytes,
 )
 from core.batching import Batch, share_prompts, sharing_pays
@@ -134,11 +134,14 @@ class ResponseLogProbs(torch.nn.Module):
     """The log-prob kernel as a module (what DistributedDataParallel wraps under torchrun): one decoder pass,
     then the reply tokens' log-probs from the gathered hidden states, summed per sequence."""
 
-    def __init__(self, causal_lm: torch.nn.Module, chunk_size: int, transform: Any) -> None:
+    def __init__(
+        self, causal_lm: torch.nn.Module, chunk_size: int, transform: Any, vocab_block: int | None = None
+    ) -> None:
         super().__init__()
         self.causal_lm = causal_lm
         self.chunk_size = chunk_size
         self.transform = transform
+        self.vocab_block = vocab_block
 
     def forward(self, inputs: dict[str, torch.Tensor], count: int) -> torch.Tensor:
         return gathered_sequence_logps(
@@ -154,6 +157,7 @@ class ResponseLogProbs(torch.nn.Module):
             count,
             self.chunk_size,
             self.transform,
+            self.vocab_block,
         )
 
 
@@ -331,7 +335,8 @@ class TorchBackend(Backend):
             fuse_lora_layers(self.model)
         causal_lm = self._causal_lm()
         vocab_size = causal_lm.get_output_embeddings().weight.shape[0]
-        self._logps_module = ResponseLogProbs(causal_lm, chunk_positions(self.chunk_size, vocab_size), self._transform)
+        chunk, vocab_block = head_blocking(self.chunk_size, vocab_size, self.device.type)
+        self._logps_module = ResponseLogProbs(causal_lm, chunk, self._transform, vocab_block)
         if self.collective.enabled:
             self._wrap_ddp()
 

@@ -1,28 +1,43 @@
 """The masked log-prob kernel: summed log-probs of the response tokens only, without full-vocab logits.
 
 The decoder runs to hidden states; only the positions that predict a response token are gathered; the
-LM head and log-softmax run over those positions in chunks. A custom autograd function keeps only the
-per-position log-sum-exp between forward and backward and recomputes one chunk's logits at a time in the
-backward pass, so neither ``[batch, seq, vocab]`` logits nor a ``[tokens, vocab]`` gradient ever exist:
-the head's working memory is a few ``[chunk, vocab]`` blocks (the logits, their float32 copy under bf16, the
-log-sum-exp temporary). A frozen head (LoRA) gets no weight gradient.
+LM head and log-softmax run over those positions in chunks, and on a CPU over the vocabulary in blocks that
+stay in cache. A custom autograd function keeps, between forward and backward, either each position's
+gradient with respect to its hidden state (a frozen float32 head: formed in the forward pass) or its
+log-sum-exp (otherwise: the backward pass recomputes one block's logits at a time). Neither
+``[batch, seq, vocab]`` logits nor a ``[tokens, vocab]`` gradient ever exist: the head's working memory is
+one ``[chunk, vocab block]`` block (and its float32 copy under bf16). A frozen head (LoRA) gets no weight
+gradient.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from core.backend import chunk_positions
 from core.batching import SharedPromptBatch
 
 
 class ChunkedTokenLogProbs(torch.autograd.Function):
     """log softmax(h Wᵀ + b)[target] for each row of h, in chunks of rows, accumulated in float32 (or float64
-    for float64 inputs)."""
+    for float64 inputs).
+
+    Each chunk's logits are made ``vocab_block`` columns at a time and folded into a running log-sum-exp (the
+    online softmax), so on a CPU the block stays in cache instead of streaming ``[chunk, vocab]`` floats
+    through memory several times.
+
+    With a frozen head (LoRA) in float32 or float64, the forward pass also forms d log p(t) / d h =
+    W[t] - E_p[W] from the same blocks (one more product per block), and the backward pass only scales it by
+    the incoming gradient: two passes over the head per step instead of three, since the backward otherwise
+    recomputes every chunk's logits. It costs [positions, hidden] floats, a small fraction of a step's
+    activations. A trainable head needs the probabilities themselves in the backward pass, and under bf16 the
+    per-block products would round the gradient once per block, so both keep the recomputing backward.
+    """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -33,24 +48,42 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         chunk_size: int,
+        vocab_block: int | None = None,
     ) -> torch.Tensor:
-        count = hidden.shape[0]
+        count, width = hidden.shape
         accumulate = torch.promote_types(hidden.dtype, torch.float32)
+        block = vocab_block or weight.shape[0]
+        grads_in_forward = (
+            ctx.needs_input_grad[0]
+            and not any(ctx.needs_input_grad[1:3])
+            and hidden.dtype == weight.dtype == accumulate
+            and not torch.is_autocast_enabled(hidden.device.type)
+        )
         token_logps = torch.empty(count, dtype=accumulate, device=hidden.device)
         log_normalizers = torch.empty(count, dtype=accumulate, device=hidden.device)
+        token_grads = torch.empty(count, width, dtype=accumulate, device=hidden.device) if grads_in_forward else None
         for start in range(0, count, chunk_size):
             end = min(start + chunk_size, count)
-            logits = F.linear(hidden[start:end], weight, bias).to(accumulate)
-            normalizer = torch.logsumexp(logits, dim=-1)
-            token_logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - normalizer
-            log_normalizers[start:end] = normalizer
-        ctx.chunk_size = chunk_size
-        ctx.save_for_backward(hidden, weight, bias, targets, log_normalizers)
+            rows = HeadChunk(hidden[start:end], weight, bias, targets[start:end], block, accumulate)
+            if token_grads is not None:
+                token_logps[start:end], log_normalizers[start:end] = _log_softmax_and_grads(
+                    rows, token_grads[start:end]
+                )
+            else:
+                token_logps[start:end], log_normalizers[start:end] = _log_softmax(rows)
+        ctx.chunk_size, ctx.vocab_block, ctx.grads_in_forward = chunk_size, block, grads_in_forward
+        if grads_in_forward:
+            ctx.save_for_backward(token_grads)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, log_normalizers)
         return token_logps
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")  # the backward recomputes logits under the forward's autocast
     def backward(ctx: Any, grad_output: torch.Tensor):
+        if ctx.grads_in_forward:
+            (token_grads,) = ctx.saved_tensors
+            return token_grads * grad_output[:, None].to(token_grads.dtype), None, None, None, None, None
         hidden, weight, bias, targets, log_normalizers = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -58,26 +91,127 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=accumulate) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=accumulate) if need_bias else None
         grad_output = grad_output.to(accumulate)
+        vocab, block = weight.shape[0], ctx.vocab_block
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
-            chunk = hidden[start:end]
-            # d logp[t] / d logits = onehot(t) - softmax(logits); scaled by the incoming gradient, in place
-            grad_logits = F.linear(chunk, weight, bias).to(accumulate)
-            grad_logits.sub_(log_normalizers[start:end, None]).exp_().mul_(-grad_output[start:end, None])
-            grad_logits.scatter_add_(1, targets[start:end, None], grad_output[start:end, None])
-            if grad_weight is not None:  # from the full-precision gradient, before it is rounded for the matmul
-                # (custom_bwd runs this under the forward's autocast, which would do the product in bf16)
-                with torch.autocast(device_type=chunk.device.type, enabled=False):
-                    grad_weight.add_(grad_logits.t() @ chunk.to(accumulate))
-            if grad_bias is not None:
-                grad_bias.add_(grad_logits.sum(0))
+            chunk, chunk_targets, scale = hidden[start:end], targets[start:end], grad_output[start:end, None]
+            chunk_grad = torch.zeros(end - start, hidden.shape[1], dtype=accumulate, device=hidden.device)
+            for low in range(0, vocab, block):
+                high = min(low + block, vocab)
+                block_weight = weight[low:high]
+                block_bias = bias[low:high] if bias is not None else None
+                # d logp[t] / d logits = onehot(t) - softmax(logits); scaled by the incoming gradient, in place
+                grad_logits = F.linear(chunk, block_weight, block_bias).to(accumulate)
+                grad_logits.sub_(log_normalizers[start:end, None]).exp_().mul_(-scale)
+                inside, columns = _block_columns(chunk_targets, low, high)
+                grad_logits.scatter_add_(1, columns[:, None], scale * inside[:, None])
+                if grad_weight is not None:  # from the full-precision gradient, before it is rounded for the matmul
+                    # (custom_bwd runs this under the forward's autocast, which would do the product in bf16)
+                    with torch.autocast(device_type=chunk.device.type, enabled=False):
+                        grad_weight[low:high].add_(grad_logits.t() @ chunk.to(accumulate))
+                if grad_bias is not None:
+                    grad_bias[low:high].add_(grad_logits.sum(0))
+                if grad_hidden is not None:
+                    chunk_grad.add_(grad_logits.to(hidden.dtype) @ block_weight)
             if grad_hidden is not None:
-                grad_hidden[start:end] = grad_logits.to(hidden.dtype) @ weight
+                grad_hidden[start:end] = chunk_grad
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _block_columns(targets: torch.Tensor, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inside, columns): which targets fall in vocabulary columns [low, high), and each one's column there
+    (clamped into the block for the others, whose value is then masked)."""
+    inside = (targets >= low) & (targets < high)
+    return inside, (targets - low).clamp_(0, high - low - 1)
+
+
+class HeadChunk(NamedTuple):
+    """One chunk of rows for the head: their hidden states and targets, the head, the vocabulary block."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    targets: torch.Tensor
+    block: int
+    accumulate: torch.dtype  # float32, or float64 for float64 inputs
+
+
+def _log_softmax(chunk: HeadChunk) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), log-sum-exp) for one chunk of rows, without a gradient: each block's log-sum-exp in one
+    call, written into a table the final log-sum-exp reduces (two operator calls a block, where the running
+    maximum of `_log_softmax_and_grads` needs a dozen: on a CPU their dispatch cost a tenth of the pass)."""
+    hidden, weight, bias, targets, block, accumulate = chunk
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    starts = range(0, vocab, block)
+    block_normalizers = torch.empty(len(starts), rows, dtype=accumulate, device=hidden.device)
+    exact = hidden.dtype == weight.dtype == accumulate and not torch.is_autocast_enabled(hidden.device.type)
+    if exact:  # the target's logit as its own dot product: no per-block gather
+        target_logits = (hidden * weight[targets]).sum(1)
+        if bias is not None:
+            target_logits += bias[targets]
+    else:  # rounded as the block's product rounds it, so that it matches the normalizer's terms
+        target_logits = torch.zeros(rows, dtype=accumulate, device=hidden.device)
+    for index, low in enumerate(starts):
+        high = min(low + block, vocab)
+        logits = F.linear(hidden, weight[low:high], bias[low:high] if bias is not None else None).to(accumulate)
+        if not exact:
+            inside, columns = _block_columns(targets, low, high)
+            target_logits = torch.where(inside, logits.gather(1, columns[:, None]).squeeze(1), target_logits)
+        torch.logsumexp(logits, 1, out=block_normalizers[index])
+    log_normalizer = torch.logsumexp(block_normalizers, 0)
+    return target_logits - log_normalizer, log_normalizer
+
+
+def _log_softmax_and_grads(chunk: HeadChunk, token_grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), log-sum-exp) for one chunk of rows, the vocabulary a block at a time with a running
+    maximum; fills ``token_grads`` with d log p(target) / d h = W[t] - E_p[W].
+
+    That gradient is formed as Σ_{v≠t} e_v (W[t] - W_v) / Σ_v e_v (e_v = exp(logit_v - max)), the target's own
+    column left out of the weighted sum: for a confident token (p_t near 1) both parts are small and kept to
+    full precision, where W[t] - E_p[W] taken literally would cancel to rounding noise."""
+    hidden, weight, bias, targets, block, accumulate = chunk
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    running_max = torch.full((rows,), float("-inf"), dtype=accumulate, device=hidden.device)
+    others = torch.zeros(rows, dtype=accumulate, device=hidden.device)  # Σ_{v≠t} e_v
+    target_logits = torch.zeros(rows, dtype=accumulate, device=hidden.device)
+    token_grads.zero_()  # Σ_{v≠t} e_v W_v until the end
+    for low in range(0, vocab, block):
+        high = min(low + block, vocab)
+        block_weight = weight[low:high]
+        logits = F.linear(hidden, block_weight, bias[low:high] if bias is not None else None).to(accumulate)
+        inside, columns = _block_columns(targets, low, high)
+        at_column = logits.gather(1, columns[:, None])
+        target_logits = torch.where(inside, at_column.squeeze(1), target_logits)
+        new_max = torch.maximum(running_max, logits.amax(1))
+        rescale = (running_max - new_max).exp_()  # exp(-inf) = 0 before the first block
+        weights = logits.sub_(new_max[:, None]).exp_()  # in place: the block's logits are not needed again
+        # the target's own column is left out (restored for the rows whose target lies elsewhere)
+        weights.scatter_(1, columns[:, None], torch.where(inside[:, None], 0.0, (at_column - new_max[:, None]).exp_()))
+        others.mul_(rescale).add_(weights.sum(1))
+        token_grads.mul_(rescale[:, None]).addmm_(weights, block_weight)
+        running_max = new_max
+    target_weight = (target_logits - running_max).exp_()
+    log_normalizer = (others + target_weight).log_().add_(running_max)
+    token_grads.neg_().addcmul_(weight[targets], others[:, None]).div_((others + target_weight)[:, None])
+    return target_logits - log_normalizer, log_normalizer
+
+
+CPU_CHUNK_POSITIONS = 512  # reply positions per chunk on a CPU ("auto")
+CPU_BLOCK_FLOATS = 1 << 19  # one [positions, vocab block] block of float32 logits: 2 MiB, a core's L2 cache
+
+
+def head_blocking(setting: int | str, vocab_size: int, device_type: str) -> tuple[int, int | None]:
+    """(reply positions per chunk, vocabulary columns per block) for the head on this device. A GPU takes
+    each chunk's whole vocabulary at once, its size bounded by memory (`chunk_positions`); a CPU runs the
+    products block by block, so that each block of logits is still in cache when the softmax reads it."""
+    if device_type != "cpu":
+        return chunk_positions(setting, vocab_size), None
+    chunk = CPU_CHUNK_POSITIONS if setting == "auto" else int(setting)
+    return chunk, min(vocab_size, max(256, CPU_BLOCK_FLOATS // chunk))
 
 
 def _checkpointed_token_logps(
@@ -123,11 +257,12 @@ def token_logps(
     targets: torch.Tensor,
     chunk_size: int,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    vocab_block: int | None = None,
 ) -> torch.Tensor:
     """log p(target) for each row of ``hidden`` ([M, H] → [M], float32)."""
     plain = type(lm_head) is torch.nn.Linear and transform is None
     if plain:
-        return ChunkedTokenLogProbs.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size)
+        return ChunkedTokenLogProbs.apply(hidden, lm_head.weight, lm_head.bias, targets, chunk_size, vocab_block)
     head = lm_head if transform is None else (lambda h: transform(lm_head(h)))
     return _checkpointed_token_logps(hidden, head, targets, chunk_size)
 
@@ -146,6 +281,7 @@ def masked_sequence_logps(
     loss_mask: torch.Tensor,
     chunk_size: int,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    vocab_block: int | None = None,
 ) -> torch.Tensor:
     """Summed response log-probs per row ([N], float32) through the response-only chunked head."""
     rows, positions, targets = response_positions(input_ids, loss_mask)
@@ -162,6 +298,7 @@ def masked_sequence_logps(
         input_ids.shape[0],
         chunk_size,
         transform,
+        vocab_block,
     )
 
 
@@ -178,13 +315,14 @@ def gathered_sequence_logps(
     count: int,
     chunk_size: int,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    vocab_block: int | None = None,
 ) -> torch.Tensor:
     """Run the decoder once, then log p(targets[i]) from the hidden state at (rows[i], positions[i]), summed
     into ``count`` sequences by ``outputs``. The shared-prompt packing and the plain layout both use it."""
     hidden = decoder(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
-    logps = token_logps(hidden[rows, positions], lm_head, targets, chunk_size, transform)
+    logps = token_logps(hidden[rows, positions], lm_head, targets, chunk_size, transform, vocab_block)
     return torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, outputs, logps)
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,15 +19,15 @@ from tests.faults.support import ROOT, assert_intact, duet, run_dir, write_confi
 pytestmark = pytest.mark.slow
 
 
-def start(config: Path) -> subprocess.Popen:
+def start(config: Path, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("DUET_FAULT", None)
     return subprocess.Popen(
         [sys.executable, "-m", "core.run", "--config", str(config)],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=stdout,
+        stderr=stderr,
         text=True,
     )
 
@@ -60,12 +61,19 @@ def test_a_signal_saves_a_checkpoint_and_exits_0(tmp_path: Path, sig: signal.Sig
 
 def test_a_second_ctrl_c_quits_at_once_without_corrupting_anything(tmp_path: Path) -> None:
     config = write_config(tmp_path, max_steps=100000, save_every=2)
-    process = start(config)
-    wait_for_training(tmp_path, process, steps=3)
-    process.send_signal(signal.SIGINT)
-    time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    out_file, err_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out_file.open("w") as stdout, err_file.open("w") as stderr:
+        process = start(config, stdout, stderr)
+        wait_for_training(tmp_path, process, steps=3)
+        process.send_signal(signal.SIGINT)
+        # as a person does: the second Ctrl-C after the first was answered (two signals sent before the
+        # process runs again are one signal to the kernel, so sending both at once would test nothing)
+        deadline = time.monotonic() + 60
+        while "stopping after this step" not in out_file.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    out, err = out_file.read_text(), err_file.read_text()
     assert process.returncode == 130, (out[-1000:], err[-2000:])
     assert "interrupted at once; the newest checkpoint is intact" in err and "Traceback" not in err
     assert_intact(tmp_path)
@@ -83,11 +91,60 @@ from core.trainer import RunControl
 control = RunControl()
 with stop_on_signals(control, print, True):
     os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: the loop stops and saves
+    deadline = time.monotonic() + 10
+    while not control.stop_requested and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert control.stop_requested
 os.kill(os.getpid(), signal.SIGINT)  # the second lands while the process winds down
 time.sleep(5)
 print("still running")
 """
+
+
+TWO_SIGNALS_DURING_ONE_NATIVE_CALL = """
+import hashlib, os, signal, threading, time
+from app.signals import stop_on_signals
+from core.trainer import RunControl
+
+control = RunControl()
+said, seen = [], []
+
+hashing = threading.Event()
+
+def press_ctrl_c_twice():
+    hashing.wait()
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    seen.append(len(said))  # answered while the call still runs?
+    os.kill(os.getpid(), signal.SIGINT)
+    seen.append(time.monotonic())
+
+try:
+    with stop_on_signals(control, said.append, True):
+        threading.Thread(target=press_ctrl_c_twice).start()
+        # one native call that runs no Python code for a second or more, as a big matmul does
+        hashing.set()
+        hashlib.sha256(bytes(3 << 30)).hexdigest()
+        time.sleep(0.01)
+        print("not interrupted")
+except KeyboardInterrupt:
+    # the call went on well after the second press: both landed inside it
+    print("interrupted", control.stop_requested, seen[0], time.monotonic() - seen[1] > 0.3)
+"""
+
+
+def test_both_ctrl_c_count_while_the_main_thread_is_in_one_long_native_call() -> None:
+    """The first is answered while the call runs, and the second quits as soon as the call returns."""
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_SIGNALS_DURING_ONE_NATIVE_CALL],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "interrupted True 1 True", done.stdout
 
 
 def test_a_second_ctrl_c_after_the_last_save_still_quits_at_once() -> None:
