@@ -54,7 +54,9 @@ class ModelConfig:
         False, "recompute activations in the backward pass: less memory, slower steps"
     )
     logprob_chunk_size: int | Literal["auto"] = option(
-        "auto", "reply positions per LM-head chunk in the log-prob kernel; auto: a chunk's logits near 128 MiB"
+        "auto",
+        "reply positions per LM-head chunk in the log-prob kernel; auto: torch on a CPU 512 (the vocabulary in "
+        "cache-sized blocks), otherwise a chunk's logits near 128 MiB",
     )
     share_prompts: bool | Literal["auto"] = option(
         "auto", "compute each pair's prompt once for both replies; auto: when it saves work"

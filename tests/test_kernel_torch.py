@@ -178,3 +178,17 @@ def test_the_head_is_blocked_for_the_cpu_cache_and_whole_on_a_gpu() -> None:
     assert head_blocking("auto", 512, "cpu") == (512, 512)  # a small vocabulary is one block
     assert head_blocking(4096, 151_936, "cpu") == (4096, 256)  # the floor on a block's width
     assert head_blocking("auto", 151_936, "cuda") == (128, None)  # memory bounds the chunk, no blocks
+
+
+@pytest.mark.parametrize("vocab_block", [None, 256])
+def test_log_probs_are_the_same_bits_with_and_without_the_gradient(vocab_block: int | None) -> None:
+    """The reference pass (no gradient) and a policy whose adapter is still zero (the gradient formed in the
+    forward pass) must agree exactly, or the first DPO loss is not log 2."""
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 32)
+    weight = torch.randn(1000, 32)
+    targets = torch.randint(0, 1000, (300,))
+    with torch.no_grad():
+        reference = ChunkedTokenLogProbs.apply(hidden, weight, None, targets, 128, vocab_block)
+    policy = ChunkedTokenLogProbs.apply(hidden.clone().requires_grad_(), weight, None, targets, 128, vocab_block)
+    assert torch.equal(policy.detach(), reference)

@@ -65,12 +65,8 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         for start in range(0, count, chunk_size):
             end = min(start + chunk_size, count)
             rows = HeadChunk(hidden[start:end], weight, bias, targets[start:end], block, accumulate)
-            if token_grads is not None:
-                token_logps[start:end], log_normalizers[start:end] = _log_softmax_and_grads(
-                    rows, token_grads[start:end]
-                )
-            else:
-                token_logps[start:end], log_normalizers[start:end] = _log_softmax(rows)
+            grads = token_grads[start:end] if token_grads is not None else None
+            token_logps[start:end], log_normalizers[start:end] = _log_softmax(rows, grads)
         ctx.chunk_size, ctx.vocab_block, ctx.grads_in_forward = chunk_size, block, grads_in_forward
         if grads_in_forward:
             ctx.save_for_backward(token_grads)
@@ -140,37 +136,13 @@ class HeadChunk(NamedTuple):
     accumulate: torch.dtype  # float32, or float64 for float64 inputs
 
 
-def _log_softmax(chunk: HeadChunk) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(target), log-sum-exp) for one chunk of rows, without a gradient: each block's log-sum-exp in one
-    call, written into a table the final log-sum-exp reduces (two operator calls a block, where the running
-    maximum of `_log_softmax_and_grads` needs a dozen: on a CPU their dispatch cost a tenth of the pass)."""
-    hidden, weight, bias, targets, block, accumulate = chunk
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    starts = range(0, vocab, block)
-    block_normalizers = torch.empty(len(starts), rows, dtype=accumulate, device=hidden.device)
-    exact = hidden.dtype == weight.dtype == accumulate and not torch.is_autocast_enabled(hidden.device.type)
-    if exact:  # the target's logit as its own dot product: no per-block gather
-        target_logits = (hidden * weight[targets]).sum(1)
-        if bias is not None:
-            target_logits += bias[targets]
-    else:  # rounded as the block's product rounds it, so that it matches the normalizer's terms
-        target_logits = torch.zeros(rows, dtype=accumulate, device=hidden.device)
-    for index, low in enumerate(starts):
-        high = min(low + block, vocab)
-        logits = F.linear(hidden, weight[low:high], bias[low:high] if bias is not None else None).to(accumulate)
-        if not exact:
-            inside, columns = _block_columns(targets, low, high)
-            target_logits = torch.where(inside, logits.gather(1, columns[:, None]).squeeze(1), target_logits)
-        torch.logsumexp(logits, 1, out=block_normalizers[index])
-    log_normalizer = torch.logsumexp(block_normalizers, 0)
-    return target_logits - log_normalizer, log_normalizer
-
-
-def _log_softmax_and_grads(chunk: HeadChunk, token_grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _log_softmax(chunk: HeadChunk, token_grads: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(target), log-sum-exp) for one chunk of rows, the vocabulary a block at a time with a running
-    maximum; fills ``token_grads`` with d log p(target) / d h = W[t] - E_p[W].
+    maximum; fills ``token_grads`` with d log p(target) / d h = W[t] - E_p[W] when given. With or without
+    it, the log-probs come from the same operations, so a policy whose adapter is still zero reproduces the
+    reference pass's log-probs exactly (the first DPO loss is log 2).
 
-    That gradient is formed as Σ_{v≠t} e_v (W[t] - W_v) / Σ_v e_v (e_v = exp(logit_v - max)), the target's own
+    The gradient is formed as Σ_{v≠t} e_v (W[t] - W_v) / Σ_v e_v (e_v = exp(logit_v - max)), the target's own
     column left out of the weighted sum: for a confident token (p_t near 1) both parts are small and kept to
     full precision, where W[t] - E_p[W] taken literally would cancel to rounding noise."""
     hidden, weight, bias, targets, block, accumulate = chunk
@@ -178,7 +150,8 @@ def _log_softmax_and_grads(chunk: HeadChunk, token_grads: torch.Tensor) -> tuple
     running_max = torch.full((rows,), float("-inf"), dtype=accumulate, device=hidden.device)
     others = torch.zeros(rows, dtype=accumulate, device=hidden.device)  # Σ_{v≠t} e_v
     target_logits = torch.zeros(rows, dtype=accumulate, device=hidden.device)
-    token_grads.zero_()  # Σ_{v≠t} e_v W_v until the end
+    if token_grads is not None:
+        token_grads.zero_()  # Σ_{v≠t} e_v W_v until the end
     for low in range(0, vocab, block):
         high = min(low + block, vocab)
         block_weight = weight[low:high]
@@ -192,11 +165,13 @@ def _log_softmax_and_grads(chunk: HeadChunk, token_grads: torch.Tensor) -> tuple
         # the target's own column is left out (restored for the rows whose target lies elsewhere)
         weights.scatter_(1, columns[:, None], torch.where(inside[:, None], 0.0, (at_column - new_max[:, None]).exp_()))
         others.mul_(rescale).add_(weights.sum(1))
-        token_grads.mul_(rescale[:, None]).addmm_(weights, block_weight)
+        if token_grads is not None:
+            token_grads.mul_(rescale[:, None]).addmm_(weights, block_weight)
         running_max = new_max
     target_weight = (target_logits - running_max).exp_()
     log_normalizer = (others + target_weight).log_().add_(running_max)
-    token_grads.neg_().addcmul_(weight[targets], others[:, None]).div_((others + target_weight)[:, None])
+    if token_grads is not None:
+        token_grads.neg_().addcmul_(weight[targets], others[:, None]).div_((others + target_weight)[:, None])
     return target_logits - log_normalizer, log_normalizer
 
 
