@@ -63,7 +63,9 @@ class ReferenceLogps:
 
 
 def reference_key(model_fingerprint: str, pairs: list[TokenizedPair], dtype: str, start_adapter: str | None) -> str:
-    return combine("duet-reference-v1", model_fingerprint, start_adapter or "-", dtype, tokens_fingerprint(pairs))
+    # v2: the torch head's vocabulary blocks changed the log-probs' rounding; values cached before would
+    # leave a policy with a zero adapter a rounding error away from its reference (a first loss not log 2)
+    return combine("duet-reference-v2", model_fingerprint, start_adapter or "-", dtype, tokens_fingerprint(pairs))
 
 
 def compute_reference(
