@@ -45,7 +45,9 @@ def stop_on_signals(control: RunControl, say: Callable[[str], None], enabled: bo
             return
         signalled.set()
         control.request_stop(f"received {signal.Signals(signum).name}")
-        say("stopping after this step and saving a checkpoint (Ctrl-C again quits at once; nothing is corrupted)")
+        # a console that is gone (stdout piped into `head`) must not end the watcher: Ctrl-C would go deaf
+        with contextlib.suppress(OSError):
+            say("stopping after this step and saving a checkpoint (Ctrl-C again quits at once; nothing is corrupted)")
 
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
@@ -72,11 +74,7 @@ def stop_on_signals(control: RunControl, say: Callable[[str], None], enabled: bo
 def _watch(read_end: int, answer: Callable[[int], None]) -> None:
     """Answer each signal the C handler recorded, in order, until told to stop watching."""
     while True:
-        try:
-            data = os.read(read_end, 64)
-        except InterruptedError:
-            continue
-        for signum in data:
+        for signum in os.read(read_end, 64):  # a signal landing on this read is retried (PEP 475)
             if signum == 0:
                 return
             if signum in _SIGNALS:

@@ -35,8 +35,10 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
     W[t] - E_p[W] from the same blocks (one more product per block), and the backward pass only scales it by
     the incoming gradient: two passes over the head per step instead of three, since the backward otherwise
     recomputes every chunk's logits. It costs [positions, hidden] floats, a small fraction of a step's
-    activations. A trainable head needs the probabilities themselves in the backward pass, and under bf16 the
-    per-block products would round the gradient once per block, so both keep the recomputing backward.
+    activations. A trainable head needs the probabilities themselves in the backward pass, and under bf16
+    autocast the weighted sum would need float32 copies of the head's blocks (or bf16 partial sums), so both
+    keep the recomputing backward. (On a CPU that backward, too, sums one bf16 product per vocabulary block,
+    in float32.)
     """
 
     @staticmethod

@@ -147,6 +147,36 @@ def test_both_ctrl_c_count_while_the_main_thread_is_in_one_long_native_call() ->
     assert done.stdout.strip() == "interrupted True 1 True", done.stdout
 
 
+GONE_CONSOLE = """
+import os, signal, time
+from app.signals import stop_on_signals
+from core.trainer import RunControl
+
+control = RunControl()
+
+def say(message):
+    raise BrokenPipeError("stdout was piped into head, which has exited")
+
+try:
+    with stop_on_signals(control, say, True):
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 10
+        while not control.stop_requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+        print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted", control.stop_requested)
+"""
+
+
+def test_a_console_that_is_gone_does_not_make_ctrl_c_deaf() -> None:
+    done = subprocess.run([sys.executable, "-c", GONE_CONSOLE], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "interrupted True", (done.stdout, done.stderr[-2000:])
+
+
 def test_a_second_ctrl_c_after_the_last_save_still_quits_at_once() -> None:
     """The second Ctrl-C can land after the run has left its loop; it must not become a finalizer's traceback."""
     done = subprocess.run(
