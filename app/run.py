@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -35,13 +34,13 @@ from app.signals import stop_on_signals
 from core import faults
 from core.atomic import atomic_directory, write_text
 from core.backend import Backend
-from core.checkpoint import TrainerState, latest_checkpoint, load_checkpoint
+from core.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, read_state
 from core.config import Config, ConfigError
 from core.distributed import Collective, DistributedError
 from core.errors import DuetError
-from core.events import Callback, Event, Failed, Finished, Info, RunStarted, RunWarning, Stopped
+from core.events import Callback, Event, Failed, Finished, Info, RunStarted, RunWarning, Stopped, ThreadsChanged
 from core.fingerprint import cache_root, tokens_fingerprint
-from core.metrics import ConsoleReporter, MetricsLog, read_metrics, truncate_metrics
+from core.metrics import ConsoleReporter, MetricsLog, parse_lines, read_metrics, truncate_metrics
 from core.model_card import model_card
 from core.models_io import resolve_model_path
 from core.objectives import Objective, build_objective
@@ -177,7 +176,10 @@ def _resumed_run(
         if collective.is_main:
             run_dir.remove_stale_temporaries()
         collective.barrier()
-        backend, data, objective = _prepare(_same_threads(cfg, run_dir), collective, device, hooks)
+        backend, data, objective = _prepare(cfg, collective, device, hooks)
+        threads = _threads_at_checkpoint(run_dir)
+        if threads:
+            backend.continue_threads(threads)  # before any compute (a no-op unless model.threads=auto)
         run_dir.check_fingerprints(_fingerprints(data))
         job = Job(cfg, backend, data, objective, run_dir, collective, hooks, resumed=True)
         state = _restore(job)
@@ -189,16 +191,20 @@ def _resumed_run(
         return _execute(job, state)
 
 
-def _same_threads(cfg: Config, run_dir: RunDirectory) -> Config:
-    """The config a resumed run builds its backend with: with model.threads=auto (and no OMP_NUM_THREADS),
-    the thread count the run started on, not one chosen again on a machine now more or less busy; another
-    count splits the reductions differently, and the resumed steps would not be bit-exact."""
-    if cfg.model.threads != "auto" or os.environ.get("OMP_NUM_THREADS"):
-        return cfg
-    started = [e for e in read_metrics(run_dir.metrics_file) if isinstance(e, RunStarted) and e.threads]
-    if not started:
-        return cfg
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, threads=started[0].threads))
+def _threads_at_checkpoint(run_dir: RunDirectory) -> int | None:
+    """The CPU thread count the run had at its newest checkpoint (at its start, when it has none): the last
+    one metrics.jsonl logged before it, a start or a move under model.threads=auto. A resumed run goes on
+    from it, not from a count chosen again on a machine now more or less busy: another count splits the
+    reductions differently, and the resumed steps would not be bit-exact."""
+    path = run_dir.metrics_file
+    logged = path.read_bytes() if path.exists() else b""
+    checkpoint = latest_checkpoint(run_dir.path)
+    if checkpoint is None:  # the run starts over: at the count it first started on
+        starts = [e.threads for e in parse_lines(logged) if isinstance(e, RunStarted) and e.threads]
+        return starts[0] if starts else None
+    events = parse_lines(logged[: read_state(checkpoint).metrics_offset])
+    counts = [e.threads for e in events if isinstance(e, (RunStarted, ThreadsChanged)) and e.threads]
+    return counts[-1] if counts else None
 
 
 def _restore(job: Job) -> TrainerState | None:

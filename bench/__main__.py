@@ -11,7 +11,8 @@ TRL comes with the `bench` extra. On a GPU that bench/flops.py knows (or with --
 gets its MFU; on the CPU, against this machine's own GEMM speed in the row's dtype. Thread variants:
 duet-torch takes model.threads=auto (OMP_NUM_THREADS in the environment wins over auto), duet-torch-threads1
 one thread, duet-torch-threads-torch torch's own default (one a core). --background-load N runs N spinning
-processes beside every variant, for how it fares on a busy machine.
+processes beside every variant, for how it fares on a busy machine; with --load-from-step K they start when
+step K begins, a load that arrives during the run (Duet variants only).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def measure(
     chunk: int | str,
     pairs: int | None,
     timeout: float | None = None,
+    late_load: tuple[int, int] | None = None,
 ) -> dict:
     command = [
         sys.executable,
@@ -65,6 +67,8 @@ def measure(
     ]
     if pairs:
         command += ["--pairs", str(pairs)]
+    if late_load:  # the worker starts the spinners itself, when that step begins
+        command += ["--late-load", str(late_load[0]), "--load-from-step", str(late_load[1])]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -95,6 +99,7 @@ def merge(rows: list[dict]) -> list[dict]:
                 "peak_resident",
                 "peak_device",
                 "tokens_per_second",
+                "tokens_per_second_loaded",
             ):
                 values = [r[key] for r in runs if r.get(key) is not None]
                 if values:
@@ -107,13 +112,15 @@ def peak(row: dict) -> float:
     return row.get("peak_device") or row["peak_resident"]
 
 
-def table(workload: str, rows: list[dict], load: int = 0) -> Table:
-    title = f"{workload}: {WORKLOADS[workload].description}; background load: {describe(load)}"
+def table(workload: str, rows: list[dict], load: int = 0, from_step: int | None = None) -> Table:
+    title = f"{workload}: {WORKLOADS[workload].description}; background load: {describe(load, from_step)}"
     view = Table(title=title, title_justify="left")
     steps = max((len(r["losses"]) for r in rows if "error" not in r), default=0)
     loss_steps = sorted({1, 2, steps} & set(range(1, steps + 1)))  # the first two and the last, once each
     columns = ["variant", "device", "threads", "s/step (median)", "total s (prep+ref+steps)", "reference s"]
     columns += ["pairs/s", "tokens/s"]
+    loaded = [r.get("load_from_step") for r in rows if r.get("load_from_step")]
+    columns += [f"tokens/s from step {loaded[0]} (loaded)", "thread moves"] if loaded else []
     mfu = any(r.get("mfu") for r in rows)
     columns += ["peak memory"] + (["MFU", "step MFU"] if mfu else []) + [f"loss {step}" for step in loss_steps]
     for column in columns:
@@ -132,11 +139,18 @@ def table(workload: str, rows: list[dict], load: int = 0) -> Table:
             f"{row['reference_seconds']:.1f}",
             f"{row['pairs_per_second']:.3f}",
             f"{row['tokens_per_second']:.0f}" if row.get("tokens_per_second") else "-",
+            *(_loaded_columns(row) if loaded else []),
             f"{peak(row) / GIB:.2f} GiB",
             *([_share(row.get("mfu")), _share(row.get("step_mfu"))] if mfu else []),
             *(f"{losses[step - 1]:.5f}" if step <= len(losses) else "-" for step in loss_steps),
         )
     return view
+
+
+def _loaded_columns(row: dict) -> list[str]:
+    rate = row.get("tokens_per_second_loaded")
+    moves = ", ".join(f"{m['threads']} at step {m['step']}" for m in row.get("thread_moves", [])) or "-"
+    return [f"{rate:.0f}" if rate else "-", moves]
 
 
 def _share(value: float | None) -> str:
@@ -191,22 +205,33 @@ def main(argv: list[str] | None = None) -> int:
         help="run N spinning processes (one busy core each) beside every variant while it is measured",
     )
     parser.add_argument(
+        "--load-from-step",
+        type=int,
+        metavar="K",
+        help="start the --background-load processes when step K begins, not before the model loads (a load that "
+        "arrives during a run; Duet variants only)",
+    )
+    parser.add_argument(
         "--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (default: bench/flops.py's table)"
     )
     args = parser.parse_args(argv)
+    if args.load_from_step is not None and (args.load_from_step < 1 or args.background_load < 1):
+        parser.error("--load-from-step K needs K >= 1 and --background-load N with N >= 1")
     console = Console()
     if not console.is_terminal:  # a log file: wide enough for the table
         console = Console(width=220)
     console.print(
         f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python "
         f"{platform.python_version()}; workload {args.workload}, {args.steps} steps, "
-        f"{args.repeats} round(s); background load: {describe(args.background_load)}",
+        f"{args.repeats} round(s); background load: {describe(args.background_load, args.load_from_step)}",
         highlight=False,
     )
     rows = []
     for _ in range(args.repeats):
         for variant in args.variants.split(","):
-            with background_load(args.background_load):  # started afresh for each variant, stopped after it
+            late = (args.background_load, args.load_from_step) if args.load_from_step else None
+            # started afresh for each variant, stopped after it (or by the worker, at a step)
+            with background_load(0 if late else args.background_load):
                 rows.append(
                     measure(
                         args.workload,
@@ -217,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.chunk,
                         args.pairs,
                         args.timeout,
+                        late,
                     )
                 )
             shown = rows[-1].get("error") or f"{rows[-1]['seconds_per_step']:.2f} s/step"
@@ -227,11 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     elif merged and all(r.get("device") == "cpu" for r in merged if "error" not in r):  # this machine's own
         # matrix-product speed, measured now (idle), is the CPU's peak
         add_cpu_mfu(merged, run_flops(WORKLOADS[args.workload], args.steps, args.pairs))
-    console.print(table(args.workload, merged, args.background_load))
+    console.print(table(args.workload, merged, args.background_load, args.load_from_step))
     for line in comparisons(merged):
         console.print(line, highlight=False)
     if args.json:  # atomically: an interrupted benchmark never leaves half a results file
-        results = {"workload": args.workload, "steps": args.steps, "background_load": args.background_load}
+        results = {
+            "workload": args.workload,
+            "steps": args.steps,
+            "background_load": args.background_load,
+            "load_from_step": args.load_from_step,
+        }
         write_json(args.json, {**results, "rows": rows, "merged": merged})
     return 0
 

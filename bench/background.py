@@ -13,10 +13,11 @@ from collections.abc import Iterator
 SPIN = "while True: pass"
 
 
-def describe(count: int) -> str:
+def describe(count: int, from_step: int | None = None) -> str:
     if count == 0:
         return "none (idle machine)"
-    return f"{count} spinning Python process{'es' if count != 1 else ''} ({SPIN!r})"
+    when = f", started when step {from_step} begins" if from_step else ""
+    return f"{count} spinning Python process{'es' if count != 1 else ''} ({SPIN!r}){when}"
 
 
 @contextlib.contextmanager

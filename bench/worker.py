@@ -15,6 +15,7 @@ loaded (Linux), so it covers data, reference and training; on CUDA, the device's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -27,6 +28,7 @@ import numpy as np
 
 from app.api import Config, build_objective, config_from_dict, create_backend, resolve_model
 from bench import memory
+from bench.background import background_load
 from bench.workloads import WORKLOADS, Workload
 
 
@@ -110,6 +112,7 @@ def model_folder(workload: Workload) -> Path:
 
 
 PAIRS: int | None = None  # --pairs: fewer pairs than the workload's (slow backends)
+LATE_LOAD: tuple[int, int] | None = None  # --late-load N --load-from-step K: N spinners from step K on
 
 
 def workload_pairs(workload: Workload):
@@ -342,21 +345,32 @@ def measure_duet(workload: Workload, variant: Variant, steps: int, device: str, 
     stream = micro_batches(data, config, 0, 0)
     train = config.train
     warmup = warmup_steps(steps, train.warmup_steps, train.warmup_ratio)
-    seconds, tokens, losses = [], [], []
-    for step in range(steps):
-        lr = learning_rate(step, total_steps=steps, peak=train.lr, warmup=warmup, kind=train.schedule)
-        clock.synchronize()
-        step_started = time.perf_counter()
-        outcome = optimizer_step(backend, objective, data, config, stream, lr)
-        clock.synchronize()
-        seconds.append(time.perf_counter() - step_started)
-        tokens.append(outcome.tokens)
-        losses.append(outcome.metrics["loss"])
+    seconds, tokens, losses, moves = [], [], [], []
+    with contextlib.ExitStack() as late_load:
+        for step in range(steps):
+            if LATE_LOAD and step + 1 == LATE_LOAD[1]:
+                late_load.enter_context(background_load(LATE_LOAD[0]))
+            lr = learning_rate(step, total_steps=steps, peak=train.lr, warmup=warmup, kind=train.schedule)
+            clock.synchronize()
+            step_started = time.perf_counter()
+            outcome = optimizer_step(backend, objective, data, config, stream, lr)
+            clock.synchronize()
+            seconds.append(time.perf_counter() - step_started)
+            tokens.append(outcome.tokens)
+            losses.append(outcome.metrics["loss"])
+            moved = backend.between_steps()  # as the trainer does after each step (auto's re-look)
+            if moved is not None:
+                moves.append({"step": step + 1, "threads": moved[0]})
     total = time.perf_counter() - started
     info = backend.info()
     timings = Timings(seconds, tokens, losses, total, reference_seconds)
     figures = summary(variant_name(variant), info.device, info.dtype, timings, workload, clock, resident_before)
     figures["threads"] = info.details.get("threads")
+    figures["thread_moves"] = moves
+    if LATE_LOAD:
+        first = LATE_LOAD[1] - 1
+        figures["load_from_step"] = LATE_LOAD[1]
+        figures["tokens_per_second_loaded"] = sum(tokens[first:]) / sum(seconds[first:]) if seconds[first:] else None
     return figures
 
 
@@ -485,7 +499,7 @@ def measure_trl(workload: Workload, variant: str, steps: int, device: str, dtype
 
 
 def main(argv: list[str] | None = None) -> int:
-    global CHUNK, PAIRS
+    global CHUNK, PAIRS, LATE_LOAD
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
     parser.add_argument("--variant", required=True, choices=list(VARIANTS))
@@ -494,11 +508,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--chunk", type=chunk_setting, default=CHUNK)
     parser.add_argument("--pairs", type=int, default=None)
+    parser.add_argument("--late-load", type=int, default=0)
+    parser.add_argument("--load-from-step", type=int, default=None)
     args = parser.parse_args(argv)
     CHUNK, PAIRS = args.chunk, args.pairs
+    LATE_LOAD = (args.late_load, args.load_from_step) if args.load_from_step else None
     workload = WORKLOADS[args.workload]
     variant = VARIANTS[args.variant]
     try:
+        if variant.tool == "trl" and LATE_LOAD:
+            raise Unavailable("--load-from-step is for Duet's variants (TRL's loop is its own)")
         if variant.tool == "trl":
             figures = measure_trl(workload, args.variant, args.steps, args.device, args.dtype)
         else:

@@ -118,6 +118,17 @@ class Backend(ABC):
     def discard_gradients(self) -> None:
         """Drop the accumulated gradients without an update (a step whose loss was not finite)."""
 
+    def between_steps(self) -> tuple[int, str] | None:
+        """After each optimizer step: a backend may adapt to the machine here. (threads, why) when it moved
+        its CPU thread count since the run last logged one (torch on a CPU under ``model.threads=auto``, as
+        other processes come and go), else None. The trainer logs it; a resumed run continues from it."""
+        return None
+
+    def continue_threads(self, threads: int) -> None:
+        """A resumed run: go on with the CPU thread count the run had at its checkpoint, where the backend
+        chooses the count itself (``model.threads=auto``); otherwise nothing."""
+        return None
+
     # -- state ------------------------------------------------------------------------------------------
 
     @abstractmethod

@@ -67,7 +67,7 @@ class ModelConfig:
     threads: int | Literal["auto"] = option(
         "auto",
         "CPU threads for the torch backend; auto: OMP_NUM_THREADS if set, else the cores this process may use, "
-        "fewer on a busy machine",
+        "fewer while other processes keep cores busy (looked at again between steps)",
     )
 
     def validate(self) -> None:

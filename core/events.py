@@ -163,6 +163,16 @@ class Info(Event):
 
 
 @dataclass(kw_only=True)
+class ThreadsChanged(Event):
+    """The backend moved its CPU thread count after ``step`` (``model.threads=auto`` following other
+    processes' load); a resumed run starts from the count in effect at its checkpoint."""
+
+    type: ClassVar[str] = "threads"
+    step: int = 0
+    threads: int = 0
+
+
+@dataclass(kw_only=True)
 class DemoReport(Event):
     """The built-in demo's before/after: how often greedy replies to unseen prompts are concise."""
 
@@ -242,6 +252,7 @@ KINDS: dict[str, type[Event]] = {
         Progress,
         RunWarning,
         Info,
+        ThreadsChanged,
         DemoReport,
         SampleReplies,
         RoundReport,

@@ -32,6 +32,7 @@ from core.events import (
     RunWarning,
     SampleReplies,
     Stopped,
+    ThreadsChanged,
     TrainStep,
     event_from_json,
 )
@@ -164,6 +165,7 @@ class ConsoleReporter:
                 | CheckpointSaved()
                 | Stopped()
                 | Info()
+                | ThreadsChanged()
                 | DemoReport()
                 | SampleReplies()
                 | RoundReport()

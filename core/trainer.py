@@ -22,7 +22,16 @@ from core.checkpoint import TrainerState, save_checkpoint
 from core.config import Config
 from core.distributed import SINGLE, Collective
 from core.errors import DuetError
-from core.events import Callback, CheckpointSaved, Evaluation, Paused, Resumed, RunWarning, TrainStep
+from core.events import (
+    Callback,
+    CheckpointSaved,
+    Evaluation,
+    Paused,
+    Resumed,
+    RunWarning,
+    ThreadsChanged,
+    TrainStep,
+)
 from core.metrics import format_duration
 from core.objectives import Objective
 from core.progress import PhaseProgress
@@ -394,6 +403,11 @@ def train(
                 emit(train_event(outcome, state, backend, elapsed, step_seconds, batches_per_epoch))
             if data.eval and ((tc.eval_every and state.step % tc.eval_every == 0) or last):
                 emit(eval_event(backend, objective, data, config, state.step, emit))
+            moved = backend.between_steps()
+            if moved is not None:  # logged before the checkpoint, so a resume starts from this count
+                threads, why = moved
+                plural = "s" if threads != 1 else ""
+                emit(ThreadsChanged(step=state.step, threads=threads, message=f"now {threads} thread{plural} ({why})"))
             save_now = collective.any(control.take_save_request() or control.stop_requested)
             if (tc.save_every and state.step % tc.save_every == 0) or last or save_now:
                 save_step(backend, state, run_dir, tc.keep_checkpoints, collective, emit, metrics_offset)

@@ -3,6 +3,7 @@ factory, its steps are the trainer's; variants that compute the same maths diffe
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -89,3 +90,28 @@ def test_the_step_profile_puts_every_operator_in_a_group(capsys) -> None:
     assert profile_step.main(["--workload", "demo", "--steps", "1"]) == 0
     shown = capsys.readouterr().out
     assert "matrix products" in shown and "outside operators" in shown
+
+
+def test_a_load_that_starts_at_a_step_runs_only_from_that_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--load-from-step K: the background load starts when step K begins and stops when the measurement ends;
+    the row's loaded throughput counts only the steps from K on."""
+    from core import trainer
+
+    steps_run: list[int] = []
+    entered: list[tuple[int, int]] = []
+    exited: list[int] = []
+    real_step = trainer.optimizer_step
+    monkeypatch.setattr(trainer, "optimizer_step", lambda *a, **k: steps_run.append(1) or real_step(*a, **k))
+
+    @contextlib.contextmanager
+    def recorded_load(count: int):
+        entered.append((count, len(steps_run)))
+        yield []
+        exited.append(len(steps_run))
+
+    monkeypatch.setattr(worker, "background_load", recorded_load)
+    monkeypatch.setattr(worker, "LATE_LOAD", (1, 3))
+    figures = worker.measure_duet(DEMO, worker.VARIANTS["duet-torch"], steps=4, device="cpu", dtype="float32")
+    assert entered == [(1, 2)] and exited == [4]  # after two steps, before the third; gone after the last
+    assert figures["load_from_step"] == 3 and figures["tokens_per_second_loaded"] > 0
+    assert figures["thread_moves"] == []

@@ -23,6 +23,7 @@ from core.events import (
     RunWarning,
     SampleReplies,
     Stopped,
+    ThreadsChanged,
     TrainStep,
     event_from_json,
 )
@@ -49,6 +50,7 @@ ONE_OF_EACH = [
     RunWarning(step=5, message="skipped"),
     RunWarning(message="no step"),
     Info(message="padding: 3%"),
+    ThreadsChanged(step=7, threads=1, message="now 1 thread (auto: 2 cores, 1 busy)"),
     DemoReport(report={"samples": 6, "base_concise": 0.0}, message="demo"),
     SampleReplies(rows=[{"prompt": "p", "before": "b", "after": "a"}], message="replies"),
     RoundReport(

@@ -4,6 +4,7 @@ given, not measured."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,78 @@ def test_auto_applies_what_the_policy_says(tmp_path: Path, monkeypatch: pytest.M
     assert backend.thread_choice == threads.ThreadChoice(1, "auto: 2 cores, 1 busy")
 
 
+class FakeSample:
+    """A LoadSample whose busy cores a test sets, started "long ago" so every look is due."""
+
+    busy = 0.0
+    started = float("-inf")
+
+    def busy_cores(self) -> float:
+        return FakeSample.busy
+
+
+def test_the_governor_follows_a_load_that_comes_and_goes() -> None:
+    applied: list[int] = []
+    governor = threads.ThreadGovernor(2, SMOLLM2_PARAMETERS, 2, applied.append, sample_load=FakeSample)
+    FakeSample.busy = 0.0
+    governor.look()
+    assert applied == [] and governor.unreported() is None  # nothing changed: nothing applied or to log
+    FakeSample.busy = 0.9  # a process began spinning beside the run
+    governor.look()
+    assert governor.unreported() == (1, "auto: 2 cores, 1 busy")
+    assert governor.unreported() is None  # logged once
+    FakeSample.busy = 1.0  # with one thread, the other process still holds its core: stay
+    governor.look()
+    FakeSample.busy = 0.0  # it ended
+    governor.look()
+    assert applied == [1, 2] and governor.unreported() == (2, "auto: 2 cores, 0 busy")
+
+
+def test_a_move_and_its_return_between_two_logs_leave_nothing_to_log() -> None:
+    applied: list[int] = []
+    governor = threads.ThreadGovernor(2, SMOLLM2_PARAMETERS, 2, applied.append, sample_load=FakeSample)
+    FakeSample.busy = 1.0
+    governor.look()
+    FakeSample.busy = 0.0
+    governor.look()
+    assert applied == [1, 2] and governor.unreported() is None
+
+
+def test_the_governor_looks_only_every_interval() -> None:
+    applied: list[int] = []
+    FakeSample.busy = 1.0
+    governor = threads.ThreadGovernor(2, SMOLLM2_PARAMETERS, 2, applied.append, interval=3600.0)
+    governor.look()  # a real sample, started just now: not due
+    assert applied == []
+
+
+def test_a_run_on_auto_moves_its_threads_when_the_machine_gets_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_threads
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("backends.torch_backend.backend.usable_cores", lambda: 2)
+    monkeypatch.setattr(threads.LoadSample, "busy_cores", lambda self: 0.0)
+    backend = build(tmp_path, "auto")
+    backend.attach_lora(quick_config(tmp_path).lora)
+    assert torch.get_num_threads() == 2 and backend.thread_choice.source == "auto: 2 cores, 0 busy"
+    backend._governor.interval = 0.0
+    monkeypatch.setattr(threads.LoadSample, "busy_cores", lambda self: 1.0)
+    from tests.helpers import random_batch
+
+    backend.sequence_logps(random_batch(backend.tokenizer.vocab_size, rows=2, seed=0), adapter=False)
+    assert torch.get_num_threads() == 1  # a reference or eval pass follows the load too
+    assert backend.info().details["threads"] == 1
+    assert backend.between_steps() == (1, "auto: 2 cores, 1 busy")
+    assert backend.between_steps() is None
+
+
+def test_an_explicit_thread_count_is_never_moved(tmp_path: Path, restore_threads) -> None:
+    backend = build(tmp_path, 1)
+    assert backend._governor is None and backend.between_steps() is None
+    backend.continue_threads(2)
+    assert torch.get_num_threads() == 1
+
+
 def test_model_threads_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model\.threads"):
         quick_config(tmp_path, model={"threads": 0})
@@ -189,6 +262,9 @@ def test_a_resumed_run_keeps_the_thread_count_it_started_on(
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "auto_threads", lambda *a, **k: 2)
+    monkeypatch.setattr(  # the load is not looked at again during the run
+        "backends.torch_backend.backend.ThreadGovernor", functools.partial(threads.ThreadGovernor, interval=3600.0)
+    )
     control = RunControl()
 
     def stop_at_two(event) -> None:
@@ -203,3 +279,46 @@ def test_a_resumed_run_keeps_the_thread_count_it_started_on(
     resumed = run(resume=first.run_dir, console=quiet)
     starts = [e for e in resumed.events if e["type"] == "start"]
     assert [e["threads"] for e in starts] == [2] and torch.get_num_threads() == 2
+
+
+def test_a_resumed_run_goes_on_from_the_count_logged_before_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_threads
+) -> None:
+    """The machine gets busy after step 1: auto moves to one thread and logs it; the run stops at step 2. The
+    resumed run starts on one thread, the count its checkpoint was taken on, whatever the machine says now."""
+    import io
+
+    from rich.console import Console
+
+    from core.run import run
+    from core.trainer import RunControl
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    policy = [2]
+    monkeypatch.setattr(threads, "auto_threads", lambda *a, **k: policy[0])
+    monkeypatch.setattr(  # a look at every step
+        "backends.torch_backend.backend.ThreadGovernor", functools.partial(threads.ThreadGovernor, interval=0.0)
+    )
+    control = RunControl()
+
+    def busy_after_one(event) -> None:
+        if event["type"] == "train" and event["step"] == 1:
+            policy[0] = 1
+        if event["type"] == "train" and event["step"] == 2:
+            control.request_stop("test interruption")
+
+    config = quick_config(tmp_path, model={"threads": "auto"}, train={"max_steps": 4, "save_every": 1})
+    quiet = Console(file=io.StringIO())
+    first = run(config, console=quiet, callback=busy_after_one, control=control)
+    moves = [(e["step"], e["threads"]) for e in first.events if e["type"] == "threads"]
+    assert first.stopped and moves == [(1, 1)]
+    assert "now 1 thread (auto: " in next(e["message"] for e in first.events if e["type"] == "threads")
+
+    policy[0] = 2  # idle again, but the resumed run must not look before its first step
+    monkeypatch.setattr(
+        "backends.torch_backend.backend.ThreadGovernor", functools.partial(threads.ThreadGovernor, interval=3600.0)
+    )
+    resumed = run(resume=first.run_dir, console=quiet)
+    starts = [e for e in resumed.events if e["type"] == "start"]
+    assert [e["threads"] for e in starts] == [1] and torch.get_num_threads() == 1
+    assert "1 thread by auto, as at the checkpoint" in starts[0]["message"]

@@ -21,6 +21,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from backends.mlx_backend import lean_backward
 from backends.mlx_backend.kernel import (
     Positions,
     chunked_token_logps,
@@ -133,6 +134,7 @@ class MlxBackend(Backend):
         if self.dtype_choice != "auto":
             model.set_dtype(DTYPES[self.dtype_choice])
         model.freeze()
+        lean_backward.install(model)
         if self.gradient_checkpointing:
             from mlx_lm.tuner.trainer import grad_checkpoint
 

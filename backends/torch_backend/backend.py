@@ -28,7 +28,14 @@ from backends.torch_backend.kernel import (
 )
 from backends.torch_backend.lora import fuse_lora_layers
 from backends.torch_backend.ops import TorchOps
-from backends.torch_backend.threads import LoadSample, ThreadChoice, choose_threads, environment_threads, usable_cores
+from backends.torch_backend.threads import (
+    LoadSample,
+    ThreadChoice,
+    ThreadGovernor,
+    choose_threads,
+    environment_threads,
+    usable_cores,
+)
 from core.backend import (
     Backend,
     BackendError,
@@ -218,6 +225,7 @@ class TorchBackend(Backend):
         # auto watches the machine's load from now until the model has loaded (only when it will be used)
         self._load = LoadSample() if threads == "auto" and environment_threads(os.environ) is None else None
         self.thread_choice: ThreadChoice | None = None
+        self._governor: ThreadGovernor | None = None  # auto on a CPU: follows the machine's load between steps
         self.share_prompts = share_prompts  # True, False or "auto": pack each prompt once
         self.generation_precision = generation_precision  # "float32", "bfloat16" or "auto" (see generation_model)
         self._generation_models: dict[bool, tuple[Any, Any]] = {}  # adapter on/off → (weights' key, model)
@@ -285,11 +293,15 @@ class TorchBackend(Backend):
         has run on it yet). Inter-op threads are left alone: training runs no inter-op parallel work, and torch
         allows setting them only once per process."""
         busy = self._load.busy_cores() if self._load is not None else 0.0
+        automatic = self._load is not None and self.device.type == "cpu"
         self._load = None
+        cores = usable_cores()
         self.thread_choice = choose_threads(
-            self.threads, os.environ, usable_cores(), busy, parameters, accelerator=self.device.type != "cpu"
+            self.threads, os.environ, cores, busy, parameters, accelerator=self.device.type != "cpu"
         )
         torch.set_num_threads(self.thread_choice.threads)
+        if automatic:
+            self._governor = ThreadGovernor(cores, parameters, self.thread_choice.threads, torch.set_num_threads)
 
     def attach_lora(self, lora: LoraConfig, adapter_path: str | None = None) -> None:
         from peft import LoraConfig as PeftLoraConfig
@@ -403,6 +415,8 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def sequence_logps(self, batch: Batch, *, adapter: bool = True) -> np.ndarray:
+        if self._governor is not None:  # a long reference or eval pass follows the load too
+            self._governor.look()
         self.model.eval()
         with out_of_memory_advice("the log-prob pass", batch), self._adapter_disabled(adapter):
             # to the host first: MPS has no float64
@@ -478,6 +492,17 @@ class TorchBackend(Backend):
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return UpdateResult(grad_norm, finite, overflow=not finite and self.scaler is not None)
+
+    def between_steps(self) -> tuple[int, str] | None:
+        if self._governor is None:
+            return None
+        self._governor.look()
+        return self._governor.unreported()
+
+    def continue_threads(self, threads: int) -> None:
+        if self._governor is not None:
+            self._governor.continue_at(threads)
+            self.thread_choice = ThreadChoice(threads, "auto, as at the checkpoint")
 
     def discard_gradients(self) -> None:
         if self.optimizer is not None:
@@ -641,8 +666,8 @@ class TorchBackend(Backend):
 
     def info(self) -> BackendInfo:
         details: dict[str, Any] = {"torch": torch.__version__}
-        if self.thread_choice is not None:
-            details["threads"] = self.thread_choice.threads
+        if self.thread_choice is not None:  # the count now (auto may have moved it since the first choice)
+            details["threads"] = self._governor.threads if self._governor else self.thread_choice.threads
             details["threads_source"] = self.thread_choice.source
         if self.device.type == "cuda":
             details["gpu"] = torch.cuda.get_device_name(self.device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,9 @@ ACCELERATOR_THREADS = 4
 # How long the machine's load is watched: /proc/stat counts in ticks of 10 ms, so 0.1 s on one core is
 # 10 ticks (a busy core reads as 0.9-1.0).
 MIN_SAMPLE_SECONDS = 0.1
+# How often a run under auto re-reads the load between steps: long enough that a step's own bursts average
+# out, short enough that a process started beside the run costs it a few seconds, not the rest of the run.
+RECHECK_SECONDS = 5.0
 PROC_STAT = Path("/proc/stat")
 
 
@@ -164,3 +168,48 @@ class LoadSample:
             return max(0.0, os.getloadavg()[0] - 1.0)
         except OSError:
             return 0.0
+
+
+@dataclass
+class ThreadGovernor:
+    """``model.threads=auto`` during a run. The first choice is made once, when the model has loaded; a
+    process that starts beside a run that began on an idle machine (a build, a test suite, a browser tab)
+    would bring back the spinning cliff this module exists for, with the run stuck on its first count. So
+    between steps, every ``interval`` seconds, the governor reads how many cores others kept busy since its
+    last look and moves torch's thread count to what ``auto_threads`` says now (back up when they stop)."""
+
+    cores: int
+    parameters: int | None
+    threads: int
+    apply: Callable[[int], None]
+    interval: float = RECHECK_SECONDS
+    sample_load: Callable[[], LoadSample] = LoadSample
+    reported: int = 0  # the count the run last logged (0: the one it started on)
+
+    def __post_init__(self) -> None:
+        self._sample = self.sample_load()
+        self.reported = self.reported or self.threads
+        self._busy = 0.0
+
+    def look(self) -> None:
+        """Re-read the load when it is due, and move the thread count if the policy now says otherwise."""
+        if time.monotonic() - self._sample.started < self.interval:
+            return
+        self._busy = self._sample.busy_cores()
+        self._sample = self.sample_load()
+        threads = auto_threads(self.cores, self._busy, self.parameters)
+        if threads != self.threads:
+            self.threads = threads
+            self.apply(threads)
+
+    def unreported(self) -> tuple[int, str] | None:
+        """(threads, why) when the count moved since the run last logged it; then it counts as logged."""
+        if self.threads == self.reported:
+            return None
+        self.reported = self.threads
+        return self.threads, f"auto: {self.cores} cores, {math.floor(self._busy + 0.5)} busy"
+
+    def continue_at(self, threads: int) -> None:
+        """A resumed run: go on from the count the run was on at its checkpoint, as if never stopped."""
+        self.threads = self.reported = threads
+        self.apply(threads)
