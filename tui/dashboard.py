@@ -153,7 +153,7 @@ class DashboardScreen(Screen):
         self._last_event = time.monotonic()
         kind = event.type
         if event.message and (
-            kind in LOG_STYLES or kind in ("start", "reference", "info", "demo", "samples", "resumed")
+            kind in LOG_STYLES or kind in ("start", "reference", "info", "threads", "demo", "samples", "resumed")
         ):
             self._log(kind, event.message)
         self._dirty = True

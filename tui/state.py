@@ -45,6 +45,7 @@ LOG_KINDS = (
     "stopped",
     "end",
     "info",
+    "threads",
     "demo",
     "samples",
     "paused",
