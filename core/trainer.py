@@ -407,7 +407,13 @@ def train(
             if moved is not None:  # logged before the checkpoint, so a resume starts from this count
                 threads, why = moved
                 plural = "s" if threads != 1 else ""
-                emit(ThreadsChanged(step=state.step, threads=threads, message=f"now {threads} thread{plural} ({why})"))
+                emit(
+                    ThreadsChanged(
+                        step=state.step,
+                        threads=threads,
+                        message=f"after step {state.step}: now {threads} thread{plural} ({why})",
+                    )
+                )
             save_now = collective.any(control.take_save_request() or control.stop_requested)
             if (tc.save_every and state.step % tc.save_every == 0) or last or save_now:
                 save_step(backend, state, run_dir, tc.keep_checkpoints, collective, emit, metrics_offset)

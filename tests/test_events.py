@@ -50,7 +50,7 @@ ONE_OF_EACH = [
     RunWarning(step=5, message="skipped"),
     RunWarning(message="no step"),
     Info(message="padding: 3%"),
-    ThreadsChanged(step=7, threads=1, message="now 1 thread (auto: 2 cores, 1 busy)"),
+    ThreadsChanged(step=7, threads=1, message="after step 7: now 1 thread (auto: 2 cores, 1 busy)"),
     DemoReport(report={"samples": 6, "base_concise": 0.0}, message="demo"),
     SampleReplies(rows=[{"prompt": "p", "before": "b", "after": "a"}], message="replies"),
     RoundReport(

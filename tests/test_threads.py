@@ -312,7 +312,7 @@ def test_a_resumed_run_goes_on_from_the_count_logged_before_its_checkpoint(
     first = run(config, console=quiet, callback=busy_after_one, control=control)
     moves = [(e["step"], e["threads"]) for e in first.events if e["type"] == "threads"]
     assert first.stopped and moves == [(1, 1)]
-    assert "now 1 thread (auto: " in next(e["message"] for e in first.events if e["type"] == "threads")
+    assert "after step 1: now 1 thread (auto: " in next(e["message"] for e in first.events if e["type"] == "threads")
 
     policy[0] = 2  # idle again, but the resumed run must not look before its first step
     monkeypatch.setattr(

@@ -151,15 +151,15 @@ async def test_a_thread_move_shows_in_the_log(tmp_path: Path) -> None:
     run_dir = tmp_path / "demo-run"
     run_dir.mkdir()
     lines = RECORDED.read_text().splitlines()
-    moved = {"type": "threads", "step": 12, "threads": 1, "message": "now 1 thread (auto: 2 cores, 1 busy)"}
+    message = "after step 12: now 1 thread (auto: 2 cores, 1 busy)"
+    moved = {"type": "threads", "step": 12, "threads": 1, "message": message}
     lines.insert(len(lines) - 1, json.dumps(moved))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     app = DuetApp(watch=run_dir)
     async with app.run_test(size=(80, 24)) as pilot:
         board = dashboard(app)
         await wait_for(pilot, lambda: board.state.phase == "finished")
-        assert ("threads", "now 1 thread (auto: 2 cores, 1 busy)") in board.log_lines
-        assert ("threads", "now 1 thread (auto: 2 cores, 1 busy)") in board.state.log
+        assert ("threads", message) in board.log_lines and ("threads", message) in board.state.log
 
 
 async def test_watch_mode_follows_a_growing_file_and_notices_a_dead_run(tmp_path: Path) -> None:
