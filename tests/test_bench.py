@@ -111,6 +111,7 @@ def test_a_load_that_starts_at_a_step_runs_only_from_that_step(monkeypatch: pyte
 
     monkeypatch.setattr(worker, "background_load", recorded_load)
     monkeypatch.setattr(worker, "LATE_LOAD", (1, 3))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a fixed count: no move, whatever this machine's load
     figures = worker.measure_duet(DEMO, worker.VARIANTS["duet-torch"], steps=4, device="cpu", dtype="float32")
     assert entered == [(1, 2)] and exited == [4]  # after two steps, before the third; gone after the last
     assert figures["load_from_step"] == 3 and figures["tokens_per_second_loaded"] > 0

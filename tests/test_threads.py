@@ -5,6 +5,7 @@ given, not measured."""
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import pytest
@@ -189,11 +190,20 @@ def test_a_move_and_its_return_between_two_logs_leave_nothing_to_log() -> None:
 
 
 def test_the_governor_looks_only_every_interval() -> None:
+    class JustStarted(FakeSample):
+        def __init__(self) -> None:
+            self.started = time.monotonic()
+
     applied: list[int] = []
     FakeSample.busy = 1.0
-    governor = threads.ThreadGovernor(2, SMOLLM2_PARAMETERS, 2, applied.append, interval=3600.0)
-    governor.look()  # a real sample, started just now: not due
+    governor = threads.ThreadGovernor(
+        2, SMOLLM2_PARAMETERS, 2, applied.append, interval=3600.0, sample_load=JustStarted
+    )
+    governor.look()  # the machine is busy, but the sample started just now: not due
     assert applied == []
+    governor.interval = 0.0
+    governor.look()
+    assert applied == [1]
 
 
 def test_a_run_on_auto_moves_its_threads_when_the_machine_gets_busy(
@@ -251,8 +261,8 @@ def test_background_load_starts_and_stops_its_processes() -> None:
 def test_a_resumed_run_keeps_the_thread_count_it_started_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_threads
 ) -> None:
-    """auto chooses once, when the run starts: resumed on a machine now busier, it keeps that count (another
-    count splits reductions differently, and the resumed steps would not be bit-exact)."""
+    """Resumed on a machine now busier, a run keeps the count it had at its checkpoint (another count splits
+    reductions differently, and the resumed steps would not be bit-exact)."""
     import io
 
     from rich.console import Console
@@ -321,4 +331,27 @@ def test_a_resumed_run_goes_on_from_the_count_logged_before_its_checkpoint(
     resumed = run(resume=first.run_dir, console=quiet)
     starts = [e for e in resumed.events if e["type"] == "start"]
     assert [e["threads"] for e in starts] == [1] and torch.get_num_threads() == 1
-    assert "1 thread by auto, as at the checkpoint" in starts[0]["message"]
+    assert "1 thread by auto, as the run was when it stopped" in starts[0]["message"]
+
+
+def test_the_count_at_the_checkpoint_is_the_last_logged_before_it(tmp_path: Path) -> None:
+    """A move logged after the newest checkpoint (the run died before the next one) is not the count the
+    resumed steps were first taken on; the last one before the checkpoint's metrics offset is."""
+    import json
+
+    from app.run import _threads_at_checkpoint
+    from core.checkpoint import STATE_FILE, TrainerState, checkpoint_path
+    from core.events import RunStarted, ThreadsChanged
+    from core.rundir import RunDirectory
+
+    run_dir = RunDirectory(tmp_path / "run", "r1")
+    run_dir.path.mkdir()
+    lines = [RunStarted(threads=2), ThreadsChanged(step=3, threads=1), ThreadsChanged(step=9, threads=2)]
+    encoded = [json.dumps(e.to_json()) + "\n" for e in lines]
+    run_dir.metrics_file.write_text("".join(encoded))
+    assert _threads_at_checkpoint(run_dir) == 2  # no checkpoint: the run starts over, on its first count
+    checkpoint = checkpoint_path(run_dir.path, 5)
+    checkpoint.mkdir(parents=True)
+    state = TrainerState(run_id="r1", total_steps=20, step=5, metrics_offset=len("".join(encoded[:2]).encode()))
+    (checkpoint / STATE_FILE).write_text(json.dumps(state.to_dict()))
+    assert _threads_at_checkpoint(run_dir) == 1

@@ -134,7 +134,8 @@ class MlxBackend(Backend):
         if self.dtype_choice != "auto":
             model.set_dtype(DTYPES[self.dtype_choice])
         model.freeze()
-        lean_backward.install(model)
+        if not self.gradient_checkpointing:  # checkpointed layers recompute everything anyway
+            lean_backward.install(model)
         if self.gradient_checkpointing:
             from mlx_lm.tuner.trainer import grad_checkpoint
 

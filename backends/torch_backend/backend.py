@@ -293,7 +293,8 @@ class TorchBackend(Backend):
         has run on it yet). Inter-op threads are left alone: training runs no inter-op parallel work, and torch
         allows setting them only once per process."""
         busy = self._load.busy_cores() if self._load is not None else 0.0
-        automatic = self._load is not None and self.device.type == "cpu"
+        # between steps auto needs /proc/stat: a load average would count this run's own threads as load
+        automatic = self._load is not None and self.device.type == "cpu" and self._load.ticks is not None
         self._load = None
         cores = usable_cores()
         self.thread_choice = choose_threads(
@@ -415,7 +416,7 @@ class TorchBackend(Backend):
 
     @torch.no_grad()
     def sequence_logps(self, batch: Batch, *, adapter: bool = True) -> np.ndarray:
-        if self._governor is not None:  # a long reference or eval pass follows the load too
+        if self._governor is not None:  # a long reference pass (or duet eval's scoring) follows the load too
             self._governor.look()
         self.model.eval()
         with out_of_memory_advice("the log-prob pass", batch), self._adapter_disabled(adapter):
@@ -497,12 +498,15 @@ class TorchBackend(Backend):
         if self._governor is None:
             return None
         self._governor.look()
-        return self._governor.unreported()
+        moved = self._governor.unreported()
+        if moved is not None:
+            self.thread_choice = ThreadChoice(*moved)
+        return moved
 
     def continue_threads(self, threads: int) -> None:
         if self._governor is not None:
             self._governor.continue_at(threads)
-            self.thread_choice = ThreadChoice(threads, "auto, as at the checkpoint")
+            self.thread_choice = ThreadChoice(threads, "auto, as the run was when it stopped")
 
     def discard_gradients(self) -> None:
         if self.optimizer is not None:
