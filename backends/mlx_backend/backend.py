@@ -134,12 +134,12 @@ class MlxBackend(Backend):
         if self.dtype_choice != "auto":
             model.set_dtype(DTYPES[self.dtype_choice])
         model.freeze()
-        if not self.gradient_checkpointing:  # checkpointed layers recompute everything anyway
-            lean_backward.install(model)
-        if self.gradient_checkpointing:
+        if self.gradient_checkpointing:  # checkpointed layers recompute everything: mlx-lm's functions stay
             from mlx_lm.tuner.trainer import grad_checkpoint
 
             grad_checkpoint(model.layers[0])
+        else:
+            lean_backward.install(model)
         self.model, self.tokenizer, self.model_location = model, tokenizer, location
 
     def _block_linear_keys(self) -> list[str]:

@@ -81,9 +81,12 @@ def choose_threads(
     from_environment = environment_threads(environ)
     if from_environment is not None:
         return ThreadChoice(from_environment, "OMP_NUM_THREADS")
-    threads = auto_threads(cores, busy, parameters, accelerator=accelerator)
-    taken = math.floor(busy + 0.5)
-    return ThreadChoice(threads, f"auto: {cores} core{'s' if cores != 1 else ''}, {taken} busy")
+    return ThreadChoice(auto_threads(cores, busy, parameters, accelerator=accelerator), auto_reason(cores, busy))
+
+
+def auto_reason(cores: int, busy: float) -> str:
+    """What auto saw, as the run's messages say it: e.g. "auto: 2 cores, 1 busy"."""
+    return f"auto: {cores} core{'s' if cores != 1 else ''}, {math.floor(busy + 0.5)} busy"
 
 
 # -- what the machine offers -----------------------------------------------------------------------------
@@ -207,7 +210,7 @@ class ThreadGovernor:
         if self.threads == self.reported:
             return None
         self.reported = self.threads
-        return self.threads, f"auto: {self.cores} cores, {math.floor(self._busy + 0.5)} busy"
+        return self.threads, auto_reason(self.cores, self._busy)
 
     def continue_at(self, threads: int) -> None:
         """A resumed run: go on from the count the run was on at its checkpoint, as if never stopped."""
