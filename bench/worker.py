@@ -55,6 +55,8 @@ VARIANTS: dict[str, Variant] = {
     "duet-torch-threads1": Variant("duet", {"model.backend": "torch", "model.threads": 1}),
     "duet-torch-threads-torch": Variant("duet", {"model.backend": "torch"}, torch_default_threads=True),
     "duet-torch-peft-lora": Variant("duet", {"model.backend": "torch"}, peft_lora=True),
+    # freed activation blocks kept for the next step (host_memory.py): faster, a higher peak
+    "duet-torch-fast-memory": Variant("duet", {"model.backend": "torch", "model.host_memory": "fast"}),
     # bf16 weights, products under bf16 autocast, fp32 LoRA weights: on a CPU with AMX or AVX512-BF16 too
     "duet-torch-bf16": Variant("duet", {"model.backend": "torch", "model.dtype": "bfloat16"}),
     "duet-torch-bf16-gc": Variant(
@@ -300,6 +302,7 @@ def summary(
         "dtype": dtype,
         "steps": len(seconds),
         "seconds_per_step": statistics.median(timed),
+        "step_seconds": seconds,
         "tokens_per_second": sum(tokens[1:] or tokens) / sum(timed),
         "pairs_per_second": workload.batch_pairs * len(seconds) / timings.total,
         "total_seconds": timings.total,

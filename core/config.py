@@ -69,6 +69,12 @@ class ModelConfig:
         "CPU threads for the torch backend; auto: OMP_NUM_THREADS if set, else the cores this process may use, "
         "fewer while other processes keep cores busy (looked at again between steps)",
     )
+    host_memory: Literal["lean", "fast"] = option(
+        "lean",
+        "torch on a Linux CPU: lean hands each freed activation block back to the system at once (the lowest "
+        "peak); fast keeps freed blocks for the next step (SmolLM2: steps about a quarter faster, peak about a "
+        "fifth higher)",
+    )
 
     def validate(self) -> None:
         if self.logprob_chunk_size != "auto":

@@ -189,6 +189,36 @@ def test_a_move_and_its_return_between_two_logs_leave_nothing_to_log() -> None:
     assert applied == [1, 2] and governor.unreported() is None
 
 
+def test_a_neighbour_on_the_half_core_boundary_does_not_move_the_count_back_and_forth() -> None:
+    applied: list[int] = []
+    governor = threads.ThreadGovernor(2, SMOLLM2_PARAMETERS, 2, applied.append, sample_load=FakeSample)
+    for busy in (0.55, 0.45, 0.6, 0.4, 0.55):  # about half a core: on the boundary, so stay on 2
+        FakeSample.busy = busy
+        governor.look()
+    assert applied == [] and governor.unreported() is None
+    FakeSample.busy = 0.7  # clearly over it: down
+    governor.look()
+    for busy in (0.45, 0.4, 0.55):  # back near the boundary: stay on 1
+        FakeSample.busy = busy
+        governor.look()
+    assert applied == [1]
+    FakeSample.busy = 0.3  # clearly under it: up
+    governor.look()
+    assert applied == [1, 2]
+
+
+def test_a_large_jump_moves_as_far_as_the_band_allows() -> None:
+    applied: list[int] = []
+    governor = threads.ThreadGovernor(8, 10**9, 8, applied.append, sample_load=FakeSample)
+    FakeSample.busy = 2.55  # auto says 5 on this reading, 6 on one HYSTERESIS_CORES lower
+    governor.look()
+    governor.look()  # the same reading again: no further move
+    assert applied == [6]
+    FakeSample.busy = 3.7  # clearly 4 busy
+    governor.look()
+    assert applied == [6, 4]
+
+
 def test_the_governor_looks_only_every_interval() -> None:
     class JustStarted(FakeSample):
         def __init__(self) -> None:

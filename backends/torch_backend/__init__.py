@@ -24,6 +24,7 @@ def create(config: Config, collective: Collective, device: str | None) -> Backen
         share_prompts=config.model.share_prompts,
         generation_precision=config.sampling.precision,
         threads=config.model.threads,
+        host_memory=config.model.host_memory,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.torch_backend.host_memory import return_freed_memory_promptly
+from backends.torch_backend.host_memory import configure_host_memory
 from backends.torch_backend.kernel import (
     gathered_sequence_logps,
     head_blocking,
@@ -220,6 +220,7 @@ class TorchBackend(Backend):
         share_prompts: bool | str = "auto",
         generation_precision: str = "float32",
         threads: int | str = "auto",
+        host_memory: str = "lean",
     ) -> None:
         self.threads = threads  # model.threads: a count, or "auto" (see threads.py)
         # auto watches the machine's load from now until the model has loaded (only when it will be used)
@@ -235,7 +236,7 @@ class TorchBackend(Backend):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if self.device.type == "cpu":
-            return_freed_memory_promptly()
+            configure_host_memory(host_memory)
         self.gradient_checkpointing = gradient_checkpointing
         self.chunk_size = chunk_size
         self.naive_logits = naive_logits  # the full-logits path, for benchmarks and checks only

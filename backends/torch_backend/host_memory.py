@@ -1,11 +1,19 @@
-"""Host memory behaviour for CPU training.
+"""Host memory behaviour for CPU training (``model.host_memory``).
 
-glibc's malloc raises its mmap threshold after large blocks are freed, so the activation-sized blocks of
-one step (a few MB each) then come from the heap, and what the step frees stays with the process: the
-resident size never comes back down, and the peak of the next step adds to it. A fixed threshold of
-1 MiB keeps every larger block in its own mapping, returned to the system as soon as it is freed. On
-the benchmark workload (docs/benchmarks.md) this cut the peak from 1.39 to 1.07 GiB, for a step time
-within the run-to-run noise (3.5 against 3.3-3.8 s). DUET_GLIBC_DEFAULT_MMAP=1 keeps glibc's default.
+Every activation of a step is a fresh allocation of a few MB. glibc's malloc serves blocks above its mmap
+threshold from their own mappings, returned to the system when freed; smaller ones from its heap, where
+freed blocks wait for the next request of a size that fits. Its default threshold starts at 128 KiB and
+rises after large blocks are freed, so a run drifts from one regime to the other.
+
+- ``lean`` fixes the threshold at 1 MiB: each activation-sized block is its own mapping, handed back as
+  soon as it is freed, so the resident size follows what is live. Each block is then paid for again at
+  every step: a mapping, a page fault per 4 KiB page while it is first written, and the unmapping.
+- ``fast`` fixes it at 32 MiB (glibc's ceiling): activation blocks come from the heap and are reused by the
+  next step, with no faults, at the price of the heap's fragmentation, which the peak keeps.
+
+On SmolLM2-135M (fp32, docs/benchmarks.md, "host memory") ``fast`` ran the whole bench run in 0.70-0.77×
+``lean``'s time with a 1.2× peak; on the head-bound qwen-small it changed nothing but memory (+13%), so
+``lean`` is the default. DUET_GLIBC_DEFAULT_MMAP=1 leaves glibc's own policy alone.
 """
 
 from __future__ import annotations
@@ -16,21 +24,25 @@ import os
 import sys
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
-THRESHOLD = 1 << 20
-_done = False
+THRESHOLDS = {"lean": 1 << 20, "fast": 32 << 20}
+_applied: str | None = None
 
 
-def return_freed_memory_promptly() -> bool:
-    """Fix glibc's mmap threshold (once per process); False where there is no glibc (macOS, musl)."""
-    global _done
-    if _done:
+def configure_host_memory(mode: str = "lean") -> bool:
+    """Fix glibc's mmap threshold for ``mode`` ("lean" or "fast"); False where there is no glibc (macOS,
+    musl) or DUET_GLIBC_DEFAULT_MMAP is set. Process-wide: the last backend made decides."""
+    global _applied
+    if mode not in THRESHOLDS:
+        raise ValueError(f"model.host_memory={mode!r}: use lean or fast")
+    if _applied == mode:
         return True
     if not sys.platform.startswith("linux") or os.environ.get("DUET_GLIBC_DEFAULT_MMAP"):
         return False
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
-        _done = bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD))
+        done = bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLDS[mode]))
     except (OSError, AttributeError):
         return False
-    return _done
+    _applied = mode if done else None
+    return done

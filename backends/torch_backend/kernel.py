@@ -154,10 +154,22 @@ def _log_softmax(chunk: HeadChunk, token_grads: torch.Tensor | None) -> tuple[to
     target_logits = torch.zeros(rows, dtype=accumulate, device=hidden.device)
     if token_grads is not None:
         token_grads.zero_()  # Σ_{v≠t} e_v W_v until the end
+    # one buffer for every block's logits: a fresh [rows, block] tensor per block (2 MiB) is a fresh mapping
+    # under the host allocator's mmap threshold (host_memory.py), paid for in page faults at every block
+    direct = hidden.dtype == weight.dtype == accumulate and not torch.is_autocast_enabled(hidden.device.type)
+    buffer = torch.empty(rows * min(block, vocab), dtype=accumulate, device=hidden.device) if direct else None
     for low in range(0, vocab, block):
         high = min(low + block, vocab)
         block_weight = weight[low:high]
-        logits = F.linear(hidden, block_weight, bias[low:high] if bias is not None else None).to(accumulate)
+        block_bias = bias[low:high] if bias is not None else None
+        if buffer is not None:
+            logits = buffer[: rows * (high - low)].view(rows, high - low)
+            if block_bias is None:
+                torch.mm(hidden, block_weight.t(), out=logits)
+            else:
+                torch.addmm(block_bias, hidden, block_weight.t(), out=logits)
+        else:
+            logits = F.linear(hidden, block_weight, block_bias).to(accumulate)
         inside, columns = _block_columns(targets, low, high)
         at_column = logits.gather(1, columns[:, None])
         target_logits = torch.where(inside, at_column.squeeze(1), target_logits)

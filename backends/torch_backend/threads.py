@@ -33,6 +33,10 @@ MIN_SAMPLE_SECONDS = 0.1
 # How often a run under auto re-reads the load between steps: long enough that a step's own bursts average
 # out, short enough that a process started beside the run costs it a few seconds, not the rest of the run.
 RECHECK_SECONDS = 5.0
+# How far past the half-core boundary a neighbour's load must be before a run already under way moves: a
+# process using about half a core reads 0.45 at one look and 0.55 at the next, and without this band the
+# count would move at every look (each move a parallel region's worth of re-forking, and a log line).
+HYSTERESIS_CORES = 0.15
 PROC_STAT = Path("/proc/stat")
 
 
@@ -179,7 +183,9 @@ class ThreadGovernor:
     process that starts beside a run that began on an idle machine (a build, a test suite, a browser tab)
     would bring back the spinning cliff this module exists for, with the run stuck on its first count. So
     between steps, every ``interval`` seconds, the governor reads how many cores others kept busy since its
-    last look and moves torch's thread count to what ``auto_threads`` says now (back up when they stop)."""
+    last look and moves torch's thread count to what ``auto_threads`` says now (back up when they stop), once
+    the load is ``HYSTERESIS_CORES`` past the boundary, so a neighbour that sits on it does not move the count
+    back and forth."""
 
     cores: int
     parameters: int | None
@@ -201,6 +207,11 @@ class ThreadGovernor:
         self._busy = self._sample.busy_cores()
         self._sample = self.sample_load()
         threads = auto_threads(self.cores, self._busy, self.parameters)
+        if threads != self.threads:
+            # go as far as the load read HYSTERESIS_CORES nearer to the current count says: down only for a
+            # load clearly over a boundary, up only for one clearly under it
+            nearer = self._busy + (HYSTERESIS_CORES if threads > self.threads else -HYSTERESIS_CORES)
+            threads = auto_threads(self.cores, max(0.0, nearer), self.parameters)
         if threads != self.threads:
             self.threads = threads
             self.apply(threads)

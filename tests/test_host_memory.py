@@ -1,0 +1,55 @@
+"""model.host_memory: which mmap threshold glibc is given, and that a bad value is a clear config error."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from app.api import config_from_dict
+from backends.torch_backend import host_memory
+from core.errors import ConfigError
+
+
+class FakeLibc:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return 1
+
+
+@pytest.fixture
+def libc(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
+    fake = FakeLibc()
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda name: fake)
+    monkeypatch.setattr(host_memory, "_applied", None)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("DUET_GLIBC_DEFAULT_MMAP", raising=False)
+    return fake
+
+
+def test_lean_and_fast_set_their_thresholds_once_each(libc: FakeLibc) -> None:
+    assert host_memory.configure_host_memory("lean")
+    assert host_memory.configure_host_memory("lean")  # already in effect: not set again
+    assert host_memory.configure_host_memory("fast")
+    assert libc.calls == [(host_memory.M_MMAP_THRESHOLD, 1 << 20), (host_memory.M_MMAP_THRESHOLD, 32 << 20)]
+
+
+def test_the_environment_keeps_glibcs_own_policy(libc: FakeLibc, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUET_GLIBC_DEFAULT_MMAP", "1")
+    assert not host_memory.configure_host_memory("fast")
+    assert libc.calls == []
+
+
+def test_other_systems_are_left_alone(libc: FakeLibc, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert not host_memory.configure_host_memory("lean")
+    assert libc.calls == []
+
+
+def test_a_bad_setting_names_the_key_and_the_choices() -> None:
+    config_from_dict({"model": {"host_memory": "fast"}}).validate()
+    with pytest.raises(ConfigError, match="host_memory"):
+        config_from_dict({"model": {"host_memory": "quick"}}).validate()
