@@ -11,9 +11,10 @@ rises after large blocks are freed, so a run drifts from one regime to the other
 - ``fast`` fixes it at 32 MiB (glibc's ceiling): activation blocks come from the heap and are reused by the
   next step, with no faults, at the price of the heap's fragmentation, which the peak keeps.
 
-On SmolLM2-135M (fp32, docs/benchmarks.md, "host memory") ``fast`` ran the whole bench run in 0.70-0.77×
-``lean``'s time with a 1.2× peak; on the head-bound qwen-small it changed nothing but memory (+13%), so
-``lean`` is the default. DUET_GLIBC_DEFAULT_MMAP=1 leaves glibc's own policy alone.
+On SmolLM2-135M (fp32; docs/benchmarks.md, "page faults ... and model.host_memory") ``fast`` ran whole
+bench runs in 0.70-0.79× ``lean``'s time at a 1.2× peak; on the head-bound qwen-small it changed nothing but
+memory (+13%). ``lean`` is the default: a run that fits under it could be killed for memory under ``fast``,
+with no message. DUET_GLIBC_DEFAULT_MMAP=1 leaves glibc's own policy alone.
 """
 
 from __future__ import annotations
