@@ -90,6 +90,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=accumulate) if need_bias else None
         grad_output = grad_output.to(accumulate)
         vocab, block = weight.shape[0], ctx.vocab_block
+        buffer = block_buffer(min(ctx.chunk_size, hidden.shape[0]), block, vocab, accumulate, hidden.device)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
             chunk, chunk_targets, scale = hidden[start:end], targets[start:end], grad_output[start:end, None]
@@ -99,7 +100,7 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 block_weight = weight[low:high]
                 block_bias = bias[low:high] if bias is not None else None
                 # d logp[t] / d logits = onehot(t) - softmax(logits); scaled by the incoming gradient, in place
-                grad_logits = F.linear(chunk, block_weight, block_bias).to(accumulate)
+                grad_logits = block_logits(chunk, block_weight, block_bias, buffer)
                 grad_logits.sub_(log_normalizers[start:end, None]).exp_().mul_(-scale)
                 inside, columns = _block_columns(chunk_targets, low, high)
                 grad_logits.scatter_add_(1, columns[:, None], scale * inside[:, None])
@@ -125,6 +126,26 @@ def _block_columns(targets: torch.Tensor, low: int, high: int) -> tuple[torch.Te
     (clamped into the block for the others, whose value is then masked)."""
     inside = (targets >= low) & (targets < high)
     return inside, (targets - low).clamp_(0, high - low - 1)
+
+
+def block_buffer(rows: int, block: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Room for one ``[rows, block]`` block of logits, reused by every block of a chunk: a fresh tensor per
+    block (2 MiB on a CPU) would be a fresh mapping under the host allocator's mmap threshold
+    (host_memory.py), paid for in page faults at every block."""
+    return torch.empty(rows * min(block, vocab), dtype=dtype, device=device)
+
+
+def block_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor
+) -> torch.Tensor:
+    """``hidden @ weightᵀ + bias`` in the buffer's precision, written into the buffer (a view of it is
+    returned). Same-precision inputs go straight into it; a bf16 product (autocast) is made, then copied."""
+    logits = buffer[: hidden.shape[0] * weight.shape[0]].view(hidden.shape[0], weight.shape[0])
+    if hidden.dtype == weight.dtype == buffer.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=logits)
+        return torch.addmm(bias, hidden, weight.t(), out=logits)
+    return logits.copy_(F.linear(hidden, weight, bias))
 
 
 class HeadChunk(NamedTuple):
@@ -154,22 +175,11 @@ def _log_softmax(chunk: HeadChunk, token_grads: torch.Tensor | None) -> tuple[to
     target_logits = torch.zeros(rows, dtype=accumulate, device=hidden.device)
     if token_grads is not None:
         token_grads.zero_()  # Σ_{v≠t} e_v W_v until the end
-    # one buffer for every block's logits: a fresh [rows, block] tensor per block (2 MiB) is a fresh mapping
-    # under the host allocator's mmap threshold (host_memory.py), paid for in page faults at every block
-    direct = hidden.dtype == weight.dtype == accumulate and not torch.is_autocast_enabled(hidden.device.type)
-    buffer = torch.empty(rows * min(block, vocab), dtype=accumulate, device=hidden.device) if direct else None
+    buffer = block_buffer(rows, block, vocab, accumulate, hidden.device)
     for low in range(0, vocab, block):
         high = min(low + block, vocab)
         block_weight = weight[low:high]
-        block_bias = bias[low:high] if bias is not None else None
-        if buffer is not None:
-            logits = buffer[: rows * (high - low)].view(rows, high - low)
-            if block_bias is None:
-                torch.mm(hidden, block_weight.t(), out=logits)
-            else:
-                torch.addmm(block_bias, hidden, block_weight.t(), out=logits)
-        else:
-            logits = F.linear(hidden, block_weight, block_bias).to(accumulate)
+        logits = block_logits(hidden, block_weight, bias[low:high] if bias is not None else None, buffer)
         inside, columns = _block_columns(targets, low, high)
         at_column = logits.gather(1, columns[:, None])
         target_logits = torch.where(inside, at_column.squeeze(1), target_logits)
