@@ -52,6 +52,8 @@ VARIANTS: dict[str, Variant] = {
     "duet-torch-gc": Variant("duet", {"model.backend": "torch", "model.gradient_checkpointing": True}),
     "duet-torch-naive": Variant("duet", {"model.backend": "torch"}, full_logits=True),
     "duet-torch-unshared": Variant("duet", {"model.backend": "torch", "model.share_prompts": False}),
+    # every batch in one padded pass (what padding_free: auto does on a GPU), for its cost on a CPU
+    "duet-torch-padded": Variant("duet", {"model.backend": "torch", "model.padding_free": False}),
     "duet-torch-threads1": Variant("duet", {"model.backend": "torch", "model.threads": 1}),
     "duet-torch-threads-torch": Variant("duet", {"model.backend": "torch"}, torch_default_threads=True),
     "duet-torch-peft-lora": Variant("duet", {"model.backend": "torch"}, peft_lora=True),

@@ -61,6 +61,11 @@ class ModelConfig:
     share_prompts: bool | Literal["auto"] = option(
         "auto", "compute each pair's prompt once for both replies; auto: when it saves work"
     )
+    padding_free: bool | Literal["auto"] = option(
+        "auto",
+        "torch: run a batch's sequences one by one at their own lengths, computing no padding; auto: on a CPU "
+        "when padding is a tenth or more of the batch's tokens",
+    )
     reference: Literal["start", "base"] = option(
         "start", "with model.adapter: the reference is the model as it starts (with that adapter), or the base alone"
     )

@@ -19,6 +19,10 @@ class FakeLibc:
         self.calls.append((parameter, value))
         return 1
 
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("trim", pad))
+        return 1
+
 
 @pytest.fixture
 def libc(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
@@ -53,3 +57,38 @@ def test_a_bad_setting_names_the_key_and_the_choices() -> None:
     config_from_dict({"model": {"host_memory": "fast"}}).validate()
     with pytest.raises(ConfigError, match="host_memory"):
         config_from_dict({"model": {"host_memory": "quick"}}).validate()
+
+
+def test_a_pass_without_gradients_reuses_the_heap_then_gives_it_back(libc: FakeLibc) -> None:
+    threshold = host_memory.M_MMAP_THRESHOLD
+    host_memory.configure_host_memory("lean")
+    with pytest.raises(KeyError), host_memory.heap_reuse():
+        raise KeyError  # lean again even when the pass fails
+    assert libc.calls == [(threshold, 1 << 20), (threshold, 32 << 20), (threshold, 1 << 20), ("trim", 0)]
+    libc.calls.clear()
+    host_memory.configure_host_memory("fast")
+    with host_memory.heap_reuse():  # fast already reuses the heap
+        pass
+    assert libc.calls == [(threshold, 32 << 20)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's policy: Linux only")
+def test_the_heap_a_pass_used_goes_back_to_the_system() -> None:
+    """The real glibc: a no-grad pass's blocks (8 MiB each, freed as the next is made) stay in the heap while
+    it runs and leave the resident size when it ends."""
+    import torch
+
+    from bench import memory
+
+    if not host_memory.configure_host_memory("lean"):
+        pytest.skip("glibc's policy is left alone here (DUET_GLIBC_DEFAULT_MMAP or no glibc)")
+    before = memory.current_bytes()
+    with host_memory.heap_reuse():
+        block = torch.ones(2 << 20)
+        for _ in range(20):
+            block = block + 1  # each layer's output replaces the last
+        inside = memory.current_bytes()
+        del block
+    after = memory.current_bytes()
+    assert inside - before > 8 << 20  # the blocks were resident while the pass ran
+    assert after - before < 4 << 20  # and went back when it ended

@@ -22,6 +22,7 @@ def create(config: Config, collective: Collective, device: str | None) -> Backen
         gradient_checkpointing=config.model.gradient_checkpointing,
         chunk_size=config.model.logprob_chunk_size,
         share_prompts=config.model.share_prompts,
+        padding_free=config.model.padding_free,
         generation_precision=config.sampling.precision,
         threads=config.model.threads,
         host_memory=config.model.host_memory,

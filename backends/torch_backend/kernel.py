@@ -12,6 +12,7 @@ gradient.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -315,14 +316,46 @@ def gathered_sequence_logps(
     chunk_size: int,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     vocab_block: int | None = None,
+    row_lengths: list[int] | None = None,
 ) -> torch.Tensor:
-    """Run the decoder once, then log p(targets[i]) from the hidden state at (rows[i], positions[i]), summed
-    into ``count`` sequences by ``outputs``. The shared-prompt packing and the plain layout both use it."""
-    hidden = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    logps = token_logps(hidden[rows, positions], lm_head, targets, chunk_size, transform, vocab_block)
+    """Run the decoder, then log p(targets[i]) from the hidden state at (rows[i], positions[i]), summed into
+    ``count`` sequences by ``outputs``. The shared-prompt packing and the plain layout both use it. With
+    ``row_lengths`` (each right-padded row's real length) the decoder runs row by row at those lengths, so
+    no padding is computed (see ``unpadded_hidden``); without, once over the padded batch."""
+    if row_lengths is None:
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        selected = hidden[rows, positions]
+    else:
+        selected = unpadded_hidden(decoder, input_ids, attention_mask, position_ids, rows, positions, row_lengths)
+    logps = token_logps(selected, lm_head, targets, chunk_size, transform, vocab_block)
     return torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, outputs, logps)
+
+
+def unpadded_hidden(
+    decoder: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    row_lengths: list[int],
+) -> torch.Tensor:
+    """The hidden states at (rows[i], positions[i]), each row run through the decoder on its own at its real
+    length: a batch of unequal rows computes no padding (on a CPU a row of a few hundred tokens already
+    fills the matrix units, so rows need no batching), and a row's result does not depend on what it was
+    batched with (the reference pass and the steps batch pairs differently)."""
+    states = []
+    for row, length in enumerate(row_lengths):
+        mask = None if attention_mask is None else attention_mask[row : row + 1, :, :length, :length]
+        ids = None if position_ids is None else position_ids[row : row + 1, :length]
+        out = decoder(
+            input_ids=input_ids[row : row + 1, :length], attention_mask=mask, position_ids=ids, use_cache=False
+        )
+        states.append(out.last_hidden_state[0])
+    starts = torch.tensor([0, *itertools.accumulate(row_lengths[:-1])], device=rows.device)
+    return torch.cat(states)[starts[rows] + positions]
 
 
 def shared_prompt_mask(segments: torch.Tensor) -> torch.Tensor:
