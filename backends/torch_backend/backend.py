@@ -480,8 +480,10 @@ class TorchBackend(Backend):
         with out_of_memory_advice("the training step", batch), no_sync:
             result = self._objective(batch, self._row_logps(batch, train=True), objective, reference, nll_weight)
             loss = result.loss * scale
-            # the backward pass's blocks live one layer each (the forward's, kept for it, are freed as it goes)
-            with heap_reuse():
+            # the backward pass's blocks live one layer each (the forward's, kept for it, are freed as it goes);
+            # not with checkpointing, whose backward re-runs the forward: the heap grew 0.46 GiB (1.68 GiB
+            # where lean peaks at 1.22 on SmolLM2), and that setting is there for memory
+            with contextlib.nullcontext() if self.gradient_checkpointing else heap_reuse():
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return self._step_result(batch, result)
 
