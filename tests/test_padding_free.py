@@ -91,22 +91,32 @@ def test_when_auto_runs_row_by_row() -> None:
     assert not unpadding_pays(np.array([512, 460]), 512)  # 5%: under a tenth
     assert not unpadding_pays(np.array([40, 10]), 40)  # short rows: the extra passes cost more
     assert not unpadding_pays(np.array([300]), 600)  # one row: nothing to unpad against
+    # shared-prompt rows whose attention splits: row by row for that alone, if long enough
+    assert unpadding_pays(np.array([600, 600]), 600, split_attention=True)
+    assert unpadding_pays(np.array([600]), 600, split_attention=True)
+    assert not unpadding_pays(np.array([60, 60]), 60, split_attention=True)
 
 
 def test_auto_unpads_on_a_cpu_only_where_it_pays(uneven_pairs, qwen_tokenizer, monkeypatch) -> None:
     backend = tiny_backend(qwen_tokenizer, "float32", share=False, padding_free="auto")
     seen: list[object] = []
     forward = backend._logps_module.forward
-    monkeypatch.setattr(
-        backend._logps_module,
-        "forward",
-        lambda inputs, count, rows=None: seen.append(rows) or forward(inputs, count, rows),
-    )
+
+    def spy(inputs, count, row_lengths=None, row_parts=None):
+        seen.append((row_lengths, row_parts))
+        return forward(inputs, count, row_lengths, row_parts)
+
+    monkeypatch.setattr(backend._logps_module, "forward", spy)
     backend.sequence_logps(collate(uneven_pairs, pad_id=0))
     even = [uneven_pairs[1], uneven_pairs[1]]
     backend.sequence_logps(collate(even, pad_id=0))
-    assert seen[0] == [int(n) for n in collate(uneven_pairs, pad_id=0).attention_mask.sum(axis=1)]
-    assert seen[1] is None  # equal rows: no padding to skip
+    assert seen[0] == ([int(n) for n in collate(uneven_pairs, pad_id=0).attention_mask.sum(axis=1)], None)
+    assert seen[1] == (None, None)  # equal rows: no padding to skip
+    backend.share_prompts = True  # shared rows split their attention: row by row even without padding
+    backend.sequence_logps(collate(even, pad_id=0))
+    pair = uneven_pairs[1]
+    parts = (len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids))
+    assert seen[2] == ([sum(parts)] * 2, [parts] * 2)
 
 
 def test_the_setting() -> None:

@@ -28,6 +28,8 @@ from backends.torch_backend.kernel import (
 )
 from backends.torch_backend.lora import fuse_lora_layers
 from backends.torch_backend.ops import TorchOps
+from backends.torch_backend.shared_attention import NAME as SHARED_ATTENTION
+from backends.torch_backend.shared_attention import register as register_shared_attention
 from backends.torch_backend.threads import (
     LoadSample,
     ThreadChoice,
@@ -151,7 +153,11 @@ class ResponseLogProbs(torch.nn.Module):
         self.vocab_block = vocab_block
 
     def forward(
-        self, inputs: dict[str, torch.Tensor], count: int, row_lengths: list[int] | None = None
+        self,
+        inputs: dict[str, torch.Tensor],
+        count: int,
+        row_lengths: list[int] | None = None,
+        row_parts: list[tuple[int, int, int]] | None = None,
     ) -> torch.Tensor:
         return gathered_sequence_logps(
             self.causal_lm.get_decoder(),
@@ -168,6 +174,7 @@ class ResponseLogProbs(torch.nn.Module):
             self.transform,
             self.vocab_block,
             row_lengths,
+            row_parts,
         )
 
 
@@ -193,6 +200,9 @@ def kernel_inputs(
                 "targets": packed.targets,
                 "outputs": packed.outputs,
                 "lengths": (packed.segments != SharedPromptBatch.PADDING).sum(axis=1),
+                "parts": np.stack(
+                    [(packed.segments == part).sum(axis=1) for part in (PROMPT, CHOSEN, REJECTED)], axis=1
+                ),
             },
             2 * pairs,
             True,
@@ -211,18 +221,22 @@ def kernel_inputs(
     return arrays, batch.input_ids.shape[0], False
 
 
+PROMPT, CHOSEN, REJECTED = SharedPromptBatch.PROMPT, SharedPromptBatch.CHOSEN, SharedPromptBatch.REJECTED
 UNPADDING_PAYS = 0.1  # run rows one by one when that skips at least this share of a batch's tokens
 UNPADDED_ROW_TOKENS = 128  # ... and the rows average at least this many real tokens
 
 
-def unpadding_pays(lengths: np.ndarray, width: int) -> bool:
+def unpadding_pays(lengths: np.ndarray, width: int, split_attention: bool = False) -> bool:
     """The rule behind ``model.padding_free: auto`` (on a CPU): run a batch row by row at each row's own
-    length when padding is a tenth or more of its tokens and the rows are long enough to keep the matrix
-    units busy on their own. Short rows (the demo's 40 tokens on a 4-layer model) lose more to the extra
-    passes' fixed costs than padding costs them (measured: 17% slower); a GPU keeps the batched pass, whose
-    rows run in parallel."""
+    length when its rows are long enough to keep the matrix units busy on their own and that saves work:
+    padding is a tenth or more of its tokens, or (``split_attention``) shared-prompt rows whose attention
+    then runs in two causal parts (shared_attention.py), padded or not. Short rows (the demo's 40 tokens on
+    a 4-layer model) lose more to the extra passes' fixed costs than padding costs them (measured: 17%
+    slower); a GPU keeps the batched pass, whose rows run in parallel."""
     rows, real = len(lengths), int(lengths.sum())
-    return rows > 1 and real <= (1.0 - UNPADDING_PAYS) * rows * width and real >= UNPADDED_ROW_TOKENS * rows
+    if real < UNPADDED_ROW_TOKENS * rows:
+        return False
+    return split_attention or (rows > 1 and real <= (1.0 - UNPADDING_PAYS) * rows * width)
 
 
 class TorchBackend(Backend):
@@ -254,6 +268,7 @@ class TorchBackend(Backend):
         self.collective = collective
         self._ddp: Any = None
         self._logps_module: Any = None
+        self._split_attention = False
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if self.device.type == "cpu":
@@ -309,6 +324,12 @@ class TorchBackend(Backend):
         self.model, self.tokenizer = model, tokenizer
         self.model_location, self.model_revision = location, None
         self._transform = logit_transform(model.config)
+        # a CPU's shared-prompt rows, one at a time, attend in two causal parts (shared_attention.py); the
+        # implementation defers to transformers' SDPA for every other call
+        self._split_attention = self.device.type == "cpu" and model.config._attn_implementation == "sdpa"
+        if self._split_attention:
+            register_shared_attention()
+            model.config._attn_implementation = SHARED_ATTENTION
 
     def _apply_threads(self, parameters: int) -> None:
         """Set torch's CPU thread count for this process, before any heavy work (the model is loaded, nothing
@@ -424,18 +445,21 @@ class TorchBackend(Backend):
             with self._autocast():
                 return naive_sequence_logps(self.model, input_ids, attention_mask, loss_mask)
         arrays, count, shared = kernel_inputs(batch, self.share_prompts)
-        lengths = arrays.pop("lengths")
+        lengths, parts = arrays.pop("lengths"), arrays.pop("parts", None)
+        split = shared and self._split_attention
         unpad = self.padding_free is True or (
             self.padding_free == "auto"
             and self.device.type == "cpu"
-            and unpadding_pays(lengths, arrays["input_ids"].shape[1])
+            and unpadding_pays(lengths, arrays["input_ids"].shape[1], split)
         )
         inputs = {k: torch.from_numpy(v).to(self.device, dtype=torch.long) for k, v in arrays.items()}
         inputs["attention_mask"] = shared_prompt_mask(inputs.pop("segments")) if shared else None
+        row_lengths = [int(n) for n in lengths] if unpad else None
+        row_parts = [tuple(int(n) for n in row) for row in parts] if unpad and split else None
         with self._autocast():
             # training steps under torchrun go through DDP, which averages the LoRA gradients across ranks
             module = self._ddp if train and self._ddp is not None else self._logps_module
-            return module(inputs, count, [int(n) for n in lengths] if unpad else None)
+            return module(inputs, count, row_lengths, row_parts)
 
     def _adapter_disabled(self, adapter: bool):
         if adapter or not hasattr(self.model, "disable_adapter"):

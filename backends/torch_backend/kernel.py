@@ -317,18 +317,23 @@ def gathered_sequence_logps(
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     vocab_block: int | None = None,
     row_lengths: list[int] | None = None,
+    row_parts: list[tuple[int, int, int]] | None = None,
 ) -> torch.Tensor:
     """Run the decoder, then log p(targets[i]) from the hidden state at (rows[i], positions[i]), summed into
     ``count`` sequences by ``outputs``. The shared-prompt packing and the plain layout both use it. With
     ``row_lengths`` (each right-padded row's real length) the decoder runs row by row at those lengths, so
-    no padding is computed (see ``unpadded_hidden``); without, once over the padded batch."""
+    no padding is computed (see ``unpadded_hidden``); without, once over the padded batch. ``row_parts``
+    (with ``row_lengths``, shared-prompt rows only): each row's (prompt, chosen, rejected) lengths, for the
+    attention of shared_attention.py instead of the mask."""
     if row_lengths is None:
         hidden = decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         selected = hidden[rows, positions]
     else:
-        selected = unpadded_hidden(decoder, input_ids, attention_mask, position_ids, rows, positions, row_lengths)
+        selected = unpadded_hidden(
+            decoder, input_ids, attention_mask, position_ids, rows, positions, row_lengths, row_parts
+        )
     logps = token_logps(selected, lm_head, targets, chunk_size, transform, vocab_block)
     return torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, outputs, logps)
 
@@ -341,18 +346,22 @@ def unpadded_hidden(
     rows: torch.Tensor,
     positions: torch.Tensor,
     row_lengths: list[int],
+    row_parts: list[tuple[int, int, int]] | None = None,
 ) -> torch.Tensor:
     """The hidden states at (rows[i], positions[i]), each row run through the decoder on its own at its real
     length: a batch of unequal rows computes no padding (on a CPU a row of a few hundred tokens already
     fills the matrix units, so rows need no batching), and a row's result does not depend on what it was
-    batched with (the reference pass and the steps batch pairs differently)."""
+    batched with (the reference pass and the steps batch pairs differently). With ``row_parts`` a
+    shared-prompt row's attention runs in its two causal parts, without the mask."""
     states = []
     for row, length in enumerate(row_lengths):
         mask = None if attention_mask is None else attention_mask[row : row + 1, :, :length, :length]
         ids = None if position_ids is None else position_ids[row : row + 1, :length]
-        out = decoder(
-            input_ids=input_ids[row : row + 1, :length], attention_mask=mask, position_ids=ids, use_cache=False
-        )
+        if row_parts is None:
+            extra: dict[str, Any] = {"attention_mask": mask}
+        else:  # shared_attention.py: the row's two causal parts, no mask
+            extra = {"attention_mask": None, "shared_prompt": row_parts[row]}
+        out = decoder(input_ids=input_ids[row : row + 1, :length], position_ids=ids, use_cache=False, **extra)
         states.append(out.last_hidden_state[0])
     starts = torch.tensor([0, *itertools.accumulate(row_lengths[:-1])], device=rows.device)
     return torch.cat(states)[starts[rows] + positions]
