@@ -92,3 +92,14 @@ def test_the_heap_a_pass_used_goes_back_to_the_system() -> None:
     after = memory.current_bytes()
     assert inside - before > 8 << 20  # the blocks were resident while the pass ran
     assert after - before < 4 << 20  # and went back when it ended
+
+
+def test_free_heap_pages_go_back_after_a_step_under_lean_only(libc: FakeLibc) -> None:
+    host_memory.configure_host_memory("lean")
+    libc.calls.clear()
+    assert host_memory.give_back_free_heap()
+    assert libc.calls == [("trim", 0)]
+    host_memory.configure_host_memory("fast")  # fast keeps its heap for the next step
+    libc.calls.clear()
+    assert not host_memory.give_back_free_heap()
+    assert libc.calls == []

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.torch_backend.host_memory import configure_host_memory, heap_reuse
+from backends.torch_backend.host_memory import configure_host_memory, give_back_free_heap, heap_reuse
 from backends.torch_backend.kernel import (
     gathered_sequence_logps,
     head_blocking,
@@ -548,6 +548,8 @@ class TorchBackend(Backend):
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cpu":  # the step's small freed blocks: back to the system under lean
+            give_back_free_heap()
         return UpdateResult(grad_norm, finite, overflow=not finite and self.scaler is not None)
 
     def between_steps(self) -> tuple[int, str] | None:

@@ -77,3 +77,11 @@ def heap_reuse() -> Iterator[None]:
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, THRESHOLDS["lean"])
         libc.malloc_trim(0)
+
+
+def give_back_free_heap() -> bool:
+    """Under ``lean``, hand the heap's free pages back to the system (``malloc_trim``): the small blocks a step
+    frees (under the threshold, so in the heap) are otherwise kept, scattered, and the resident size creeps
+    up step by step. False where nothing was done."""
+    libc = _libc() if _applied == "lean" else None
+    return bool(libc is not None and libc.malloc_trim(0))
