@@ -63,9 +63,10 @@ class ReferenceLogps:
 
 
 def reference_key(model_fingerprint: str, pairs: list[TokenizedPair], dtype: str, start_adapter: str | None) -> str:
-    # v2: the torch head's vocabulary blocks changed the log-probs' rounding; values cached before would
-    # leave a policy with a zero adapter a rounding error away from its reference (a first loss not log 2)
-    return combine("duet-reference-v2", model_fingerprint, start_adapter or "-", dtype, tokens_fingerprint(pairs))
+    # v3: rows one by one at their own lengths and a shared row's attention in two parts (torch on a CPU)
+    # changed the log-probs' rounding again, as the head's vocabulary blocks did for v2; values cached before
+    # would leave a policy with a zero adapter a rounding error away from its reference (a first loss not log 2)
+    return combine("duet-reference-v3", model_fingerprint, start_adapter or "-", dtype, tokens_fingerprint(pairs))
 
 
 def compute_reference(
