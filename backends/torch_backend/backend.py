@@ -444,7 +444,7 @@ class TorchBackend(Backend):
             input_ids, attention_mask, loss_mask = self._tensors(batch)
             with self._autocast():
                 return naive_sequence_logps(self.model, input_ids, attention_mask, loss_mask)
-        arrays, count, shared = kernel_inputs(batch, self.share_prompts)
+        arrays, count, shared = kernel_inputs(batch, self._sharing(batch))
         lengths, parts = arrays.pop("lengths"), arrays.pop("parts", None)
         split = shared and self._split_attention
         unpad = self.padding_free is True or (
@@ -460,6 +460,19 @@ class TorchBackend(Backend):
             # training steps under torchrun go through DDP, which averages the LoRA gradients across ranks
             module = self._ddp if train and self._ddp is not None else self._logps_module
             return module(inputs, count, row_lengths, row_parts)
+
+    def _sharing(self, batch: Batch) -> bool | str:
+        """``model.share_prompts`` for this batch. auto weighs the tokens the batch would run padded, so two
+        batches holding the same pair could lay it out differently and round its log-probs differently. Where
+        shared rows run one by one in two causal parts (a CPU, rows of 128 tokens or more), a pair's own row
+        never runs more tokens than its two plain rows, so every pair shares, whatever it is batched with."""
+        if self.share_prompts != "auto" or not self._split_attention or self.padding_free is False:
+            return self.share_prompts
+        pairs = batch.num_pairs
+        tokens = int(
+            (batch.prompt_lengths[:pairs] + batch.response_lengths[:pairs] + batch.response_lengths[pairs:]).sum()
+        )
+        return True if tokens >= UNPADDED_ROW_TOKENS * pairs else "auto"
 
     def _adapter_disabled(self, adapter: bool):
         if adapter or not hasattr(self.model, "disable_adapter"):
