@@ -8,9 +8,9 @@ kernel handles well:
 - the rejected reply's queries attend to the prompt and, causally, to themselves: keys ``prompt | rejected``
   under a ``[R, P + R]`` mask.
 
-That is exactly the packed row's attention (no score is computed that the mask would have hidden, apart
-from the kernel's own causal blocks), with about half the work when both replies are long: on SmolLM2, a
-958-token row's attention fell from 57 to 33 ms a layer, forward and backward.
+That is exactly the packed row's attention, and the masked scores the kernel would have computed are mostly
+not computed at all: on a SmolLM2 step (docs/benchmarks.md, "2026-11-30 (night)") attention went from 22.9%
+to 16.1% of the operators' time.
 
 Registered with transformers as its own attention implementation that defers to transformers' SDPA for
 every call without a ``shared_prompt`` argument (batched rows, generation), so only the kernel's row-by-row
