@@ -346,3 +346,36 @@ def test_kto_refuses_an_nll_term_and_takes_its_class_weights() -> None:
         config_from_dict({"data": {"unpaired": True}, "objective": {"name": "dpo"}}).validate()
     kto = build_objective(ObjectiveConfig(name="kto", desirable_weight=1.3))
     assert (kto.beta, kto.desirable_weight, kto.undesirable_weight) == (0.1, 1.3, 1.0)
+
+
+def test_kto_reference_point_under_torchrun_is_the_global_batchs() -> None:
+    """Two processes, each with half of a global batch: z0 is the mean of both halves' means (TRL gathers it
+    across processes), so each process's losses are the global batch's, not those of a batch of its own."""
+    import torch
+
+    from backends.torch_backend.ops import TorchOps
+    from core.distributed import Collective
+
+    inputs = random_inputs(7, pairs=12)
+    inputs["policy_rejected"] = inputs["reference_rejected"] + 6.0 + np.linspace(-5, 5, 12)  # z0 > 0
+    halves = {key: (value[:6], value[6:]) for key, value in inputs.items()}
+    means = [
+        float(np.mean(h_p - h_r))
+        for h_p, h_r in zip(halves["policy_rejected"], halves["reference_rejected"], strict=True)
+    ]
+    assert abs(means[0] - means[1]) > 1.0  # the halves' own z0s differ
+
+    class OtherHalf(Collective):  # rank 0 of 2; the all-reduce adds what rank 1 contributes
+        def _all_reduce(self, values: np.ndarray) -> np.ndarray:
+            return values + means[1]
+
+    params = {"beta": 0.2, "desirable_weight": 1.5, "undesirable_weight": 0.7}
+    objective = make_objective("kto", params)
+    first_half = {key: pieces[0] for key, pieces in halves.items()}
+    out = to_outputs(first_half, lambda a: torch.tensor(a, dtype=torch.float64))
+    result = evaluate(objective, TorchOps(OtherHalf(world_size=2)), out)
+    expected = reference_losses("kto", **first_half, **params, kl_estimate=max(float(np.mean(means)), 0.0))
+    np.testing.assert_allclose(result.losses.numpy(), expected["losses"], rtol=1e-12)
+    assert float(result.metrics["kl"]) == pytest.approx(np.mean(means), rel=1e-12)
+    alone = evaluate(objective, TorchOps(), out)  # one process: its own half's z0
+    assert float(alone.metrics["kl"]) == pytest.approx(means[0], rel=1e-12)

@@ -277,7 +277,8 @@ class TorchBackend(Backend):
         self.chunk_size = chunk_size
         self.naive_logits = naive_logits  # the full-logits path, for benchmarks and checks only
         self.fuse_lora = True  # False keeps PEFT's own LoRA forward (a benchmark's point of comparison)
-        self.ops = TorchOps()
+        self.ops = TorchOps()  # evaluation: each rank's own shard, so no exchange (ranks' shard counts differ)
+        self._training_ops = TorchOps(collective)  # training: every rank takes every step together
         self.model: Any = None
         self.tokenizer: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -489,13 +490,19 @@ class TorchBackend(Backend):
             return self._row_logps(batch).cpu().to(torch.float64).numpy()
 
     def _objective(
-        self, batch: Batch, logps: torch.Tensor, objective: Objective, reference: np.ndarray | None, nll_weight: float
+        self,
+        batch: Batch,
+        logps: torch.Tensor,
+        objective: Objective,
+        reference: np.ndarray | None,
+        nll_weight: float,
+        ops: TorchOps | None = None,
     ):
         # float32, or the log-probs' own precision when wider (float64 checks of exactness)
         lengths = torch.from_numpy(batch.response_lengths).to(self.device, dtype=logps.dtype)
         ref = None if reference is None else torch.from_numpy(np.asarray(reference)).to(self.device, logps.dtype)
         labels = None if batch.labels is None else torch.from_numpy(batch.labels).to(self.device, logps.dtype)
-        return evaluate(objective, self.ops, PolicyOutputs.from_rows(logps, lengths, ref, labels), nll_weight)
+        return evaluate(objective, ops or self.ops, PolicyOutputs.from_rows(logps, lengths, ref, labels), nll_weight)
 
     def _step_result(self, batch: Batch, result) -> StepResult:
         metrics = {key: float(value) for key, value in result.metrics.items()}
@@ -515,7 +522,8 @@ class TorchBackend(Backend):
         # under torchrun, gradients are exchanged once per optimizer step: on its last micro-batch only
         no_sync = self._ddp.no_sync() if self._ddp is not None and not sync else contextlib.nullcontext()
         with out_of_memory_advice("the training step", batch), no_sync:
-            result = self._objective(batch, self._row_logps(batch, train=True), objective, reference, nll_weight)
+            logps = self._row_logps(batch, train=True)
+            result = self._objective(batch, logps, objective, reference, nll_weight, self._training_ops)
             loss = result.loss * scale
             # the backward pass's blocks live one layer each (the forward's, kept for it, are freed as it goes);
             # not with checkpointing, whose backward re-runs the forward: the heap grew 0.46 GiB (1.68 GiB

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.distributed import SINGLE, Collective
 from core.objectives.ops import LOG1MEXP_FLOOR, MINUS_LN2
 
 
 class TorchOps:
+    def __init__(self, collective: Collective = SINGLE) -> None:
+        self.collective = collective  # a torchrun job's processes, for mean_over_ranks
+
     def log_sigmoid(self, x: torch.Tensor) -> torch.Tensor:
         return F.logsigmoid(x)
 
@@ -23,6 +28,12 @@ class TorchOps:
 
     def stop_gradient(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach()
+
+    def mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.collective.enabled:
+            return x
+        total = self.collective.sum(np.array([float(x.detach())]))[0]  # float64 on the host: one number
+        return torch.tensor(total / self.collective.world_size, dtype=x.dtype, device=x.device)
 
     def greater(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a > b).to(a.dtype)

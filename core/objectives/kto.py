@@ -61,7 +61,8 @@ class KTO(Objective):
             raise ValueError("KTO needs each example's label (desirable or undesirable)")
         reference_chosen, reference_rejected = self._reference(out)
         ratio = out.chosen_logps - reference_chosen
-        z0 = ops.relu(ops.stop_gradient(ops.mean(out.rejected_logps - reference_rejected)))
+        # under torchrun, the mean over every process's share of the global batch (TRL gathers it too)
+        z0 = ops.relu(ops.mean_over_ranks(ops.stop_gradient(ops.mean(out.rejected_logps - reference_rejected))))
         return ratio, z0, out.labels
 
     def __call__(self, ops: ArrayOps, out: PolicyOutputs) -> tuple[Array, Array, Array]:

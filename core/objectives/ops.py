@@ -31,6 +31,10 @@ class ArrayOps(Protocol):
     def stop_gradient(self, x: Array) -> Array:
         """The same values, with no gradient flowing back (metrics and rewards)."""
 
+    def mean_over_ranks(self, x: Array) -> Array:
+        """A batch statistic (a 0-d array, no gradient) averaged over the processes of a torchrun job that
+        train one global batch together, as TRL gathers it across processes (KTO's z₀); one process: x."""
+
     def greater(self, a: Array, b: Array) -> Array:
         """1.0 where a > b, else 0.0, in a's floating dtype."""
 
@@ -56,6 +60,9 @@ class NumpyOps:
         return np.mean(x)
 
     def stop_gradient(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def mean_over_ranks(self, x: np.ndarray) -> np.ndarray:
         return x
 
     def greater(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
