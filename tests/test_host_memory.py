@@ -29,6 +29,7 @@ def libc(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
     fake = FakeLibc()
     monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda name: fake)
     monkeypatch.setattr(host_memory, "_applied", None)
+    monkeypatch.setattr(host_memory, "_LIBC", False)  # looked up again, through the fake
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.delenv("DUET_GLIBC_DEFAULT_MMAP", raising=False)
     return fake

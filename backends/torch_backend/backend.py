@@ -454,7 +454,9 @@ class TorchBackend(Backend):
             and unpadding_pays(lengths, arrays["input_ids"].shape[1], split)
         )
         inputs = {k: torch.from_numpy(v).to(self.device, dtype=torch.long) for k, v in arrays.items()}
-        inputs["attention_mask"] = shared_prompt_mask(inputs.pop("segments")) if shared else None
+        segments = inputs.pop("segments", None)
+        # split rows attend in two parts and need no [B, 1, T, T] mask
+        inputs["attention_mask"] = shared_prompt_mask(segments) if shared and not (unpad and split) else None
         row_lengths = [int(n) for n in lengths] if unpad else None
         row_parts = [tuple(int(n) for n in row) for row in parts] if unpad and split else None
         with self._autocast():

@@ -34,18 +34,22 @@ from collections.abc import Iterator
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 THRESHOLDS = {"lean": 1 << 20, "fast": 32 << 20}
 _applied: str | None = None
+_LIBC: ctypes.CDLL | bool | None = False  # False until looked up: finding it takes a millisecond, steps need it
 
 
 def _libc() -> ctypes.CDLL | None:
     """glibc, where this process runs on it and may change its policy; None elsewhere."""
+    global _LIBC
     if not sys.platform.startswith("linux") or os.environ.get("DUET_GLIBC_DEFAULT_MMAP"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 (musl has neither)
-    except (OSError, AttributeError):
-        return None
-    return libc
+    if _LIBC is False:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.mallopt, libc.malloc_trim  # noqa: B018 (musl has neither)
+        except (OSError, AttributeError):
+            libc = None
+        _LIBC = libc
+    return _LIBC  # type: ignore[return-value]
 
 
 def configure_host_memory(mode: str = "lean") -> bool:
