@@ -63,8 +63,8 @@ class ModelConfig:
     )
     padding_free: bool | Literal["auto"] = option(
         "auto",
-        "torch: run a batch's sequences one by one at their own lengths, computing no padding; auto: on a CPU "
-        "when padding is a tenth or more of the batch's tokens",
+        "torch: run a batch's sequences one by one at their own lengths, computing no padding; auto: on a CPU, "
+        "for sequences of 128 tokens or more, when padding is a tenth of the batch or prompts are shared",
     )
     reference: Literal["start", "base"] = option(
         "start", "with model.adapter: the reference is the model as it starts (with that adapter), or the base alone"
@@ -679,6 +679,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
 
 
 def _type_text(kind: Any) -> str:
+    if typing.get_origin(kind) is Literal:  # the words themselves (model.share_prompts: true/false or auto)
+        return " or ".join(map(str, typing.get_args(kind)))
     return {int: "a whole number", float: "a number", str: "text", bool: "true/false", type(None): "null"}.get(
         kind, getattr(kind, "__name__", str(kind))
     )
