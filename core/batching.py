@@ -39,6 +39,20 @@ class Batch:
     def padding_fraction(self) -> float:
         return 1.0 - self.num_tokens / self.input_ids.size
 
+    def pair(self, index: int) -> Batch:
+        """The batch of this one pair (its two rows), cut to their own width."""
+        rows = [index, self.num_pairs + index]
+        width = int(self.attention_mask[rows].sum(axis=1).max())
+        return Batch(
+            self.input_ids[rows, :width],
+            self.attention_mask[rows, :width],
+            self.loss_mask[rows, :width],
+            self.response_lengths[rows],
+            self.prompt_lengths[rows],
+            self.pair_indices[index : index + 1],
+            None if self.labels is None else self.labels[index : index + 1],
+        )
+
 
 def collate(pairs: Sequence[TokenizedPair], pad_id: int, pad_to_multiple_of: int = 1) -> Batch:
     """Stack pairs into one batch; the width is rounded up to ``pad_to_multiple_of`` (fewer shapes to compile)."""

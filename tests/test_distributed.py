@@ -17,9 +17,10 @@ from tests.faults.support import ROOT, adapter, assert_intact, assert_same_run, 
 pytestmark = pytest.mark.slow
 
 
-def config(folder: Path, **train) -> Path:
+def config(folder: Path, model: dict | None = None, **train) -> Path:
     path = write_config(folder, max_steps=6, save_every=2, eval_every=3, distributed_timeout=30, **train)
     settings = yaml.safe_load(path.read_text())
+    settings["model"].update(model or {})
     settings["lora"]["dropout"] = 0.0  # the ranks draw different dropout masks than one process would
     settings["data"]["eval_fraction"] = 0.1667  # 40 training pairs: whole global batches, same epochs
     path.write_text(yaml.safe_dump(settings))
@@ -56,6 +57,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path: Path, per_
     assert "2 processes" in double.stdout
     assert_same_run(tmp_path / "ddp", tmp_path / "single", tolerance=1e-5)
     assert adapter(tmp_path / "ddp").keys() == adapter(tmp_path / "single").keys()
+
+
+def test_pair_by_pair_steps_under_torchrun(tmp_path: Path):
+    """Rows one by one (the demo's are short, so forced here), so each rank's step runs forward and backward
+    one pair at a time and exchanges gradients after its last pair only: still one process's run."""
+    row_by_row = {"padding_free": True}
+    single = duet("--config", str(config(tmp_path / "single", row_by_row, batch_size=4, grad_accum=1)))
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = torchrun("--config", str(config(tmp_path / "ddp", row_by_row, batch_size=2, grad_accum=1)))
+    assert double.returncode == 0, double.stdout[-2000:] + double.stderr[-3000:]
+    assert_same_run(tmp_path / "ddp", tmp_path / "single", tolerance=1e-5)
 
 
 def test_a_dying_rank_stops_the_job_and_the_job_resumes(tmp_path: Path):

@@ -12,6 +12,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,28 @@ def kernel_inputs(
 
 
 PROMPT, CHOSEN, REJECTED = SharedPromptBatch.PROMPT, SharedPromptBatch.CHOSEN, SharedPromptBatch.REJECTED
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """A batch as the kernel runs it (see ``TorchBackend._layout``)."""
+
+    arrays: dict[str, np.ndarray]  # kernel_inputs' arrays, less lengths and parts
+    count: int  # sequences out
+    shared: bool  # each pair's prompt packed once, in one row
+    unpad: bool  # rows run one by one at their own lengths
+    split: bool  # shared rows attend in two causal parts (shared_attention.py)
+    lengths: np.ndarray  # each row's real tokens
+    parts: np.ndarray | None  # shared rows' (prompt, chosen, rejected) lengths
+
+
+def pair_by_pair(layout: KernelLayout, objective: Objective, pairs: int) -> bool:
+    """Whether a training step runs forward and backward one pair at a time (``_pair_by_pair``): where its
+    rows run one by one anyway, so nothing is lost to smaller passes, and the objective's loss is a mean of
+    per-pair terms. KTO's is not: its z0 is taken over the whole batch's mismatched replies."""
+    return layout.unpad and not objective.unpaired and pairs > 1
+
+
 UNPADDING_PAYS = 0.1  # run rows one by one when that skips at least this share of a batch's tokens
 UNPADDED_ROW_TOKENS = 128  # ... and the rows average at least this many real tokens
 
@@ -440,29 +463,38 @@ class TorchBackend(Backend):
     def _causal_lm(self):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def _row_logps(self, batch: Batch, *, train: bool = False) -> torch.Tensor:
+    def _layout(self, batch: Batch, share: bool | None = None, unpad: bool | None = None) -> KernelLayout:
+        """How the kernel runs this batch: its arrays, whether each prompt is packed once (``share``, or
+        ``model.share_prompts``' choice) and whether rows run one by one (``unpad``, or the
+        ``model.padding_free`` rule)."""
+        arrays, count, shared = kernel_inputs(batch, self._sharing(batch) if share is None else share)
+        lengths, parts = arrays.pop("lengths"), arrays.pop("parts", None)
+        split = shared and self._split_attention
+        if unpad is None:
+            unpad = self.padding_free is True or (
+                self.padding_free == "auto"
+                and self.device.type == "cpu"
+                and unpadding_pays(lengths, arrays["input_ids"].shape[1], split)
+            )
+        return KernelLayout(arrays, count, shared, unpad, split, lengths, parts)
+
+    def _row_logps(self, batch: Batch, *, train: bool = False, layout: KernelLayout | None = None) -> torch.Tensor:
         if self.naive_logits:
             input_ids, attention_mask, loss_mask = self._tensors(batch)
             with self._autocast():
                 return naive_sequence_logps(self.model, input_ids, attention_mask, loss_mask)
-        arrays, count, shared = kernel_inputs(batch, self._sharing(batch))
-        lengths, parts = arrays.pop("lengths"), arrays.pop("parts", None)
-        split = shared and self._split_attention
-        unpad = self.padding_free is True or (
-            self.padding_free == "auto"
-            and self.device.type == "cpu"
-            and unpadding_pays(lengths, arrays["input_ids"].shape[1], split)
-        )
-        inputs = {k: torch.from_numpy(v).to(self.device, dtype=torch.long) for k, v in arrays.items()}
+        layout = layout or self._layout(batch)
+        unpad, split, shared = layout.unpad, layout.split, layout.shared
+        inputs = {k: torch.from_numpy(v).to(self.device, dtype=torch.long) for k, v in layout.arrays.items()}
         segments = inputs.pop("segments", None)
         # split rows attend in two parts and need no [B, 1, T, T] mask
         inputs["attention_mask"] = shared_prompt_mask(segments) if shared and not (unpad and split) else None
-        row_lengths = [int(n) for n in lengths] if unpad else None
-        row_parts = [tuple(int(n) for n in row) for row in parts] if unpad and split else None
+        row_lengths = [int(n) for n in layout.lengths] if unpad else None
+        row_parts = [tuple(int(n) for n in row) for row in layout.parts] if unpad and split else None
         with self._autocast():
             # training steps under torchrun go through DDP, which averages the LoRA gradients across ranks
             module = self._ddp if train and self._ddp is not None else self._logps_module
-            return module(inputs, count, row_lengths, row_parts)
+            return module(inputs, layout.count, row_lengths, row_parts)
 
     def _sharing(self, batch: Batch) -> bool | str:
         """``model.share_prompts`` for this batch. auto weighs the tokens the batch would run padded, so two
@@ -521,18 +553,61 @@ class TorchBackend(Backend):
         sync: bool = True,
     ) -> StepResult:
         self.model.train()
-        # under torchrun, gradients are exchanged once per optimizer step: on its last micro-batch only
-        no_sync = self._ddp.no_sync() if self._ddp is not None and not sync else contextlib.nullcontext()
-        with out_of_memory_advice("the training step", batch), no_sync:
-            logps = self._row_logps(batch, train=True)
-            result = self._objective(batch, logps, objective, reference, nll_weight, self._training_ops)
-            loss = result.loss * scale
-            # the backward pass's blocks live one layer each (the forward's, kept for it, are freed as it goes);
-            # not with checkpointing, whose backward re-runs the forward: the heap grew 0.46 GiB (1.68 GiB
-            # where lean peaks at 1.22 on SmolLM2), and that setting is there for memory
-            with contextlib.nullcontext() if self.gradient_checkpointing else heap_reuse():
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        layout = None if self.naive_logits else self._layout(batch)
+        with out_of_memory_advice("the training step", batch):
+            if layout is not None and pair_by_pair(layout, objective, batch.num_pairs):
+                result = self._pair_by_pair(batch, layout, objective, reference, nll_weight, scale, sync)
+                return self._step_result(batch, result)
+            with self._no_sync(sync):
+                logps = self._row_logps(batch, train=True, layout=layout)
+                result = self._objective(batch, logps, objective, reference, nll_weight, self._training_ops)
+                self._backward(result.loss * scale)
         return self._step_result(batch, result)
+
+    def _no_sync(self, sync: bool):
+        """Under torchrun, gradients are exchanged once per optimizer step: in its last backward pass only."""
+        return self._ddp.no_sync() if self._ddp is not None and not sync else contextlib.nullcontext()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        # the backward pass's blocks live one layer each (the forward's, kept for it, are freed as it goes);
+        # not with checkpointing, whose backward re-runs the forward: the heap grew 0.46 GiB (1.68 GiB
+        # where lean peaks at 1.22 on SmolLM2), and that setting is there for memory
+        with contextlib.nullcontext() if self.gradient_checkpointing else heap_reuse():
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _pair_by_pair(
+        self,
+        batch: Batch,
+        layout: KernelLayout,
+        objective: Objective,
+        reference: np.ndarray | None,
+        nll_weight: float,
+        scale: float,
+        sync: bool,
+    ):
+        """Forward and backward one pair at a time, where rows run one by one anyway: the batch's loss is the
+        mean of per-pair losses, so each pair's gradient is its own and the sum over pairs is the batch's
+        (the order of the sums aside). Only one pair's activations are kept for a backward pass at a time,
+        not the batch's, for no extra arithmetic. Each pair keeps the batch's layout, so its log-probs are
+        the bits the batch would give. The metrics come from the whole batch's log-probs, as before."""
+        pairs = batch.num_pairs
+        each: list[torch.Tensor] = []  # each pair's (chosen, rejected) log-probs, detached
+        for index in range(pairs):
+            one = batch.pair(index)
+            rows = [index, pairs + index]
+            with self._no_sync(sync and index == pairs - 1):
+                pair_logps = self._row_logps(one, train=True, layout=self._layout(one, share=layout.shared, unpad=True))
+                pair_reference = None if reference is None else np.asarray(reference)[rows]
+                pair_result = self._objective(one, pair_logps, objective, pair_reference, nll_weight)
+                self._backward(pair_result.loss * (scale / pairs))
+            if self.device.type == "cpu" and index < pairs - 1:
+                # the next pair's forward should start from what this one used, not on top of its freed
+                # small blocks (checkpointing's backward leaves them in the heap: 1.28 GiB peak, not 1.2)
+                give_back_free_heap()
+            each.append(pair_logps.detach())
+        logps = torch.stack(each, dim=1).reshape(-1)  # [chosen_0 .. chosen_{B-1}, rejected_0 ..]
+        with torch.no_grad():
+            return self._objective(batch, logps, objective, reference, nll_weight, self._training_ops)
 
     @torch.no_grad()
     def evaluate(

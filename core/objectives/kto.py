@@ -20,8 +20,8 @@ class KTO(Objective):
     mismatched rows (each prompt with another example's reply, ``rejected`` in the batch layout), clamped at
     0 and detached: TRL's KTOTrainer's convention (the paper: "we do not backpropagate through z₀"). The
     mismatched reply of an example is chosen once when the data is loaded (``core.data.unpaired``); TRL
-    rotates each batch's completions by one instead. Under torchrun each rank estimates z₀ on its own share
-    of the batch (TRL averages the ranks' estimates).
+    rotates each batch's completions by one instead. Under torchrun z₀ is the mean of every rank's estimate
+    on its share of the global batch, as TRL gathers it (in training; evaluation keeps each rank's own).
 
     Metrics follow TRL: ``kl`` is z₀, ``rewards/chosen`` and ``logps/chosen`` are means over the batch's
     desirable examples, ``rewards/rejected`` and ``logps/rejected`` over its undesirable ones (0 when the batch
