@@ -28,6 +28,7 @@ from backends.torch_backend.kernel import (
     shared_prompt_mask,
 )
 from backends.torch_backend.lora import fuse_lora_layers
+from backends.torch_backend.mlp import fuse_swiglu_blocks
 from backends.torch_backend.ops import TorchOps
 from backends.torch_backend.shared_attention import NAME as SHARED_ATTENTION
 from backends.torch_backend.shared_attention import register as register_shared_attention
@@ -413,6 +414,7 @@ class TorchBackend(Backend):
                 parameter.data = parameter.data.to(torch.promote_types(parameter.dtype, torch.float32))
         if self.fuse_lora:  # the update added inside the base product's GEMM (lora.py says why)
             fuse_lora_layers(self.model)
+            fuse_swiglu_blocks(self.model)  # SwiGLU keeps 2 of its 4 wide tensors for backward (mlp.py)
         causal_lm = self._causal_lm()
         vocab_size = causal_lm.get_output_embeddings().weight.shape[0]
         chunk, vocab_block = head_blocking(self.chunk_size, vocab_size, self.device.type)

@@ -1,0 +1,104 @@
+"""The SwiGLU block with the lean backward (backends/torch_backend/mlp.py): its gradients against autograd's
+(float64 gradcheck, and a whole LoRA model against PEFT's own forward to 1e-12 in float64 and 2e-5 in
+float32), the same forward bits as the fused LoRA layer alone, half the wide tensors kept for the backward
+pass, and the MLPs and cases it leaves alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from backends.torch_backend.lora import fuse_lora_layers
+from backends.torch_backend.mlp import SwiGLUDown, _forward_is_swiglu, fuse_swiglu_blocks
+from tests.test_torch_lora import TARGETS, lora_model, loss_and_grads
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradients_against_autograd(bias: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape: int, grad: bool = True) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(grad)
+
+    gate, up = tensor(2, 5, 12), tensor(2, 5, 12)
+    weight, lora_a, lora_b = tensor(7, 12, grad=False), tensor(3, 12), tensor(7, 3)
+    offset = tensor(7, grad=False) if bias else None
+    assert torch.autograd.gradcheck(
+        lambda g, u, a, b: SwiGLUDown.apply(g, u, weight, offset, a, b, 0.5), (gate, up, lora_a, lora_b)
+    )
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_a_model_with_lean_swiglu_equals_peft(dtype, tolerance) -> None:
+    plain = lora_model(dtype)
+    lora_only = copy.deepcopy(plain)
+    fuse_lora_layers(lora_only)
+    fused = copy.deepcopy(lora_only)
+    assert fuse_swiglu_blocks(fused) == 2  # the tiny model's 2 blocks
+    input_ids = torch.randint(0, 97, (3, 17), generator=torch.Generator().manual_seed(2))
+    logits, grads = loss_and_grads(plain, input_ids)
+    fused_logits, fused_grads = loss_and_grads(fused, input_ids)
+    # the forward is the fused LoRA layer's own sums: the same bits
+    assert torch.equal(fused_logits, loss_and_grads(lora_only, input_ids)[0])
+    assert (fused_logits - logits).abs().max() <= tolerance * logits.abs().max()
+    assert grads.keys() == fused_grads.keys() and len(grads) == 4 * len(TARGETS)
+    for name, grad in grads.items():
+        assert (fused_grads[name] - grad).abs().max() <= tolerance * grad.abs().max(), name
+
+
+def wide_bytes_kept(mlp: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the [tokens, intermediate]-wide tensors autograd keeps for the MLP's backward pass."""
+    kept: dict[int, int] = {}
+    width = mlp.gate_proj.base_layer.out_features
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.shape[-1] == width and tensor.numel() == x.shape[0] * x.shape[1] * width:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        mlp(x)
+    return sum(kept.values())
+
+
+def test_half_the_wide_tensors_are_kept() -> None:
+    lora_only = lora_model(torch.float32)
+    fuse_lora_layers(lora_only)
+    fused = copy.deepcopy(lora_only)
+    fuse_swiglu_blocks(fused)
+    x = torch.randn(2, 9, lora_only.base_model.model.config.hidden_size, requires_grad=True)
+    mlp = lambda model: model.base_model.model.model.layers[0].mlp  # noqa: E731
+    before, after = wide_bytes_kept(mlp(lora_only), x), wide_bytes_kept(mlp(fused), x)
+    one = 2 * 9 * mlp(fused).gate_proj.base_layer.out_features * 4
+    assert (before, after) == (4 * one, 2 * one)
+
+
+def test_what_it_leaves_alone() -> None:
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.mistral.modeling_mistral import MistralMLP
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    assert all(_forward_is_swiglu(kind) for kind in (LlamaMLP, Qwen2MLP, MistralMLP))
+
+    class ClampedMLP(LlamaMLP):  # another body: not recognised
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)).clamp(max=7) * self.up_proj(x))
+
+    assert not _forward_is_swiglu(ClampedMLP)
+    model = lora_model(torch.float64)
+    fuse_lora_layers(model)
+    fuse_swiglu_blocks(model)
+    mlp = model.base_model.model.model.layers[0].mlp
+    x = torch.randn(1, 4, model.base_model.model.config.hidden_size, dtype=torch.float64)
+    plain = LlamaMLP.forward
+    # no gradient, a disabled adapter: the model's own forward, the same bits
+    with torch.no_grad():
+        assert torch.equal(mlp(x), plain(mlp, x))
+    with model.disable_adapter():
+        assert torch.equal(mlp(x), plain(mlp, x))
+    other = lora_model(torch.float64)
+    fuse_lora_layers(other)
+    other.base_model.model.model.layers[1].mlp.act_fn = torch.nn.GELU()  # not SiLU: left alone
+    assert fuse_swiglu_blocks(other) == 1
