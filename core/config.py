@@ -64,7 +64,8 @@ class ModelConfig:
     padding_free: bool | Literal["auto"] = option(
         "auto",
         "torch: run a batch's sequences one by one at their own lengths, computing no padding; auto: on a CPU, "
-        "for sequences of 128 tokens or more, when padding is a tenth of the batch or prompts are shared",
+        "for sequences of 128 tokens or more, when padding is a tenth of the batch or prompts are shared. A "
+        "training step then runs one pair at a time, so only one pair's activations are kept for its backward",
     )
     reference: Literal["start", "base"] = option(
         "start", "with model.adapter: the reference is the model as it starts (with that adapter), or the base alone"

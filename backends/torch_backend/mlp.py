@@ -56,20 +56,15 @@ class SwiGLUDown(torch.autograd.Function):
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_update = torch.mm(grad, lora_b).mul_(scaling)  # d/d(product · Aᵀ): rank-wide
         grad_lora_b = torch.mm(grad.t(), update).mul_(scaling) if ctx.needs_input_grad[5] else None
-        sigmoid = torch.sigmoid(gate)
-        silu = gate * sigmoid
+        silu = F.silu(gate)
         grad_lora_a = None
         if ctx.needs_input_grad[4]:
-            product = (silu * up).reshape(-1, gate.shape[-1])
-            grad_lora_a = torch.mm(grad_update.t(), product)
-            del product
+            grad_lora_a = torch.mm(grad_update.t(), (silu * up).reshape(-1, gate.shape[-1]))
         grad_product = torch.mm(grad, weight).addmm_(grad_update, lora_a).view_as(gate)
         grad_up = grad_product * silu if ctx.needs_input_grad[1] else None
-        grad_gate = None
-        if ctx.needs_input_grad[0]:
-            # silu'(g) = σ(g) (1 + g (1 - σ(g))) = σ(g) + silu(g) (1 - σ(g)), formed in place
-            derivative = sigmoid.add_(silu.mul_(1.0 - sigmoid))
-            grad_gate = grad_product.mul_(up).mul_(derivative)
+        del silu
+        # SiLU's own backward kernel: grad · silu'(gate) in one pass
+        grad_gate = torch.ops.aten.silu_backward(grad_product.mul_(up), gate) if ctx.needs_input_grad[0] else None
         return grad_gate, grad_up, None, None, grad_lora_a, grad_lora_b, None
 
 
