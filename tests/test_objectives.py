@@ -379,3 +379,27 @@ def test_kto_reference_point_under_torchrun_is_the_global_batchs() -> None:
     assert float(result.metrics["kl"]) == pytest.approx(np.mean(means), rel=1e-12)
     alone = evaluate(objective, TorchOps(), out)  # one process: its own half's z0
     assert float(alone.metrics["kl"]) == pytest.approx(means[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_per_example_loss_is_declared_truly(name: str) -> None:
+    """Where an objective declares each example's loss its own (so the torch backend may step pair by pair and add
+    up the gradients), an example's loss is the same alone as beside others; KTO's z0 makes it differ."""
+    objective = build_objective(ObjectiveConfig(name=name))
+    rng = np.random.default_rng(5)
+    count = 4
+    chosen, rejected = -rng.uniform(20, 80, count), -rng.uniform(20, 80, count)
+    ref_chosen, ref_rejected = chosen + rng.normal(0, 3, count), rejected + rng.normal(0, 3, count)
+    lengths = rng.integers(10, 40, (2, count)).astype(float)
+    labels = np.array([1.0, 0.0, 1.0, 0.0]) if objective.unpaired else None
+
+    def losses(rows: slice) -> np.ndarray:
+        out = PolicyOutputs(
+            chosen[rows], rejected[rows], lengths[0, rows], lengths[1, rows],
+            ref_chosen[rows], ref_rejected[rows], None if labels is None else labels[rows],
+        )  # fmt: skip
+        return np.asarray(objective(NumpyOps(), out)[0])
+
+    together = losses(slice(None))
+    alone = np.concatenate([losses(slice(i, i + 1)) for i in range(count)])
+    assert np.allclose(together, alone, rtol=1e-12, atol=0) == objective.per_example_loss

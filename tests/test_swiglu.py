@@ -9,25 +9,35 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from backends.torch_backend.lora import fuse_lora_layers
 from backends.torch_backend.mlp import SwiGLUDown, _forward_is_swiglu, fuse_swiglu_blocks
 from tests.test_torch_lora import TARGETS, lora_model, loss_and_grads
 
 
+@pytest.mark.parametrize("inputs_need_grad", [True, False], ids=["all", "adapter-only"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gradients_against_autograd(bias: bool) -> None:
+def test_gradients_against_autograd(bias: bool, inputs_need_grad: bool) -> None:
     generator = torch.Generator().manual_seed(0)
 
     def tensor(*shape: int, grad: bool = True) -> torch.Tensor:
         return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(grad)
 
-    gate, up = tensor(2, 5, 12), tensor(2, 5, 12)
+    gate, up = tensor(2, 5, 12, grad=inputs_need_grad), tensor(2, 5, 12, grad=inputs_need_grad)
     weight, lora_a, lora_b = tensor(7, 12, grad=False), tensor(3, 12), tensor(7, 3)
     offset = tensor(7, grad=False) if bias else None
     assert torch.autograd.gradcheck(
         lambda g, u, a, b: SwiGLUDown.apply(g, u, weight, offset, a, b, 0.5), (gate, up, lora_a, lora_b)
     )
+    if not inputs_need_grad:  # only the adapter's gradients (the first adapted layer of a down_proj-only LoRA)
+        out = SwiGLUDown.apply(gate, up, weight, offset, lora_a, lora_b, 0.5)
+        grads = torch.autograd.grad(out.sum(), (lora_a, lora_b))
+        product = F.silu(gate) * up
+        plain = F.linear(product, weight, offset) + 0.5 * F.linear(product, lora_a) @ lora_b.t()
+        reference = torch.autograd.grad(plain.sum(), (lora_a, lora_b))
+        for got, expected in zip(grads, reference, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
@@ -75,7 +85,7 @@ def test_half_the_wide_tensors_are_kept() -> None:
     assert (before, after) == (4 * one, 2 * one)
 
 
-def test_what_it_leaves_alone() -> None:
+def test_what_it_leaves_alone(monkeypatch) -> None:
     from transformers.models.llama.modeling_llama import LlamaMLP
     from transformers.models.mistral.modeling_mistral import MistralMLP
     from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
@@ -93,11 +103,26 @@ def test_what_it_leaves_alone() -> None:
     mlp = model.base_model.model.model.layers[0].mlp
     x = torch.randn(1, 4, model.base_model.model.config.hidden_size, dtype=torch.float64)
     plain = LlamaMLP.forward
+    calls: list[int] = []
+    apply = SwiGLUDown.apply
+
+    def counted(*args):
+        calls.append(1)
+        return apply(*args)
+
+    monkeypatch.setattr(SwiGLUDown, "apply", counted)
+    mlp(x.requires_grad_(True))
+    assert calls == [1]  # the lean path, where it applies
     # no gradient, a disabled adapter: the model's own forward, the same bits
     with torch.no_grad():
         assert torch.equal(mlp(x), plain(mlp, x))
     with model.disable_adapter():
         assert torch.equal(mlp(x), plain(mlp, x))
+    # a trainable base (PEFT's bias="all" makes biases trainable): its gradient must be formed, so autograd's path
+    mlp.down_proj.base_layer.weight.requires_grad_(True)
+    mlp(x).sum().backward()
+    assert mlp.down_proj.base_layer.weight.grad is not None
+    assert calls == [1]
     other = lora_model(torch.float64)
     fuse_lora_layers(other)
     other.base_model.model.model.layers[1].mlp.act_fn = torch.nn.GELU()  # not SiLU: left alone

@@ -242,8 +242,9 @@ class KernelLayout:
 def pair_by_pair(layout: KernelLayout, objective: Objective, pairs: int) -> bool:
     """Whether a training step runs forward and backward one pair at a time (``_pair_by_pair``): where its
     rows run one by one anyway, so nothing is lost to smaller passes, and the objective's loss is a mean of
-    per-pair terms. KTO's is not: its z0 is taken over the whole batch's mismatched replies."""
-    return layout.unpad and not objective.unpaired and pairs > 1
+    per-pair terms (``per_example_loss``). KTO's is not: its z0 is taken over the whole batch's mismatched
+    replies."""
+    return layout.unpad and objective.per_example_loss and pairs > 1
 
 
 UNPADDING_PAYS = 0.1  # run rows one by one when that skips at least this share of a batch's tokens

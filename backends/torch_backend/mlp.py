@@ -10,8 +10,8 @@ products around it. The forward is the same sums as ``lora.py``'s fused layer, s
 bits; the gradients are the same maths, rounded in another order.
 
 It applies to MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a
-SiLU (llama, qwen2/3, mistral and their kin), a fused LoRA ``down_proj`` and no autocast; anything else keeps
-the model's own forward.
+SiLU (llama, qwen2/3, mistral and their kin), a fused LoRA ``down_proj`` over a frozen base and no autocast;
+anything else keeps the model's own forward.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class SwiGLUDown(torch.autograd.Function):
         return out.view(*gate.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # it keeps intermediates: no double backward through them
     def backward(ctx: Any, grad_out: torch.Tensor):
         gate, up, weight, lora_a, lora_b, update = ctx.saved_tensors
         scaling = ctx.scaling
@@ -60,6 +61,8 @@ class SwiGLUDown(torch.autograd.Function):
         grad_lora_a = None
         if ctx.needs_input_grad[4]:
             grad_lora_a = torch.mm(grad_update.t(), (silu * up).reshape(-1, gate.shape[-1]))
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):  # e.g. no adapter before this one
+            return None, None, None, None, grad_lora_a, grad_lora_b, None
         grad_product = torch.mm(grad, weight).addmm_(grad_update, lora_a).view_as(gate)
         grad_up = grad_product * silu if ctx.needs_input_grad[1] else None
         del silu
@@ -95,6 +98,8 @@ def swiglu_class(mlp_class: type) -> type:
             if parts is None or torch.is_autocast_enabled(x.device.type) or not torch.is_grad_enabled():
                 return super().forward(x)
             weight, bias, lora_a, lora_b, scaling = parts
+            if weight.requires_grad or (bias is not None and bias.requires_grad):
+                return super().forward(x)  # a trainable base (PEFT's bias="all"): its gradient is not formed here
             return SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), weight, bias, lora_a, lora_b, scaling)
 
     SwiGLUMLP.__name__ = SwiGLUMLP.__qualname__ = f"SwiGLU{mlp_class.__name__}"

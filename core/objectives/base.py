@@ -76,16 +76,20 @@ class Objective(ABC):
     (names, defaults, validation), ``--help``, the TUI and the model card read its declaration.
 
     Declaration: ``name``; ``summary`` (one line of help); ``is_reference_free``; ``unpaired`` (it trains on
-    rated single replies, KTO, rather than pairs); ``default_beta`` (None: the objective takes no β);
-    ``options``, the optional settings it accepts among ``label_smoothing``, ``robust``, ``gamma``,
-    ``desirable_weight`` and ``undesirable_weight``. ``from_config`` builds it from an ``ObjectiveConfig``;
-    ``check_config`` adds checks of its own.
+    rated single replies, KTO, rather than pairs); ``per_example_loss`` (each example's loss depends on its own
+    rows alone; False for KTO, whose reference point is a batch statistic); ``default_beta`` (None: the
+    objective takes no β); ``options``, the optional settings it accepts among ``label_smoothing``,
+    ``robust``, ``gamma``, ``desirable_weight`` and ``undesirable_weight``. ``from_config`` builds it from an
+    ``ObjectiveConfig``; ``check_config`` adds checks of its own.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     is_reference_free: ClassVar[bool] = False
     unpaired: ClassVar[bool] = False
+    # each example's loss depends on its own rows only (not on a batch statistic such as KTO's z0), so a step
+    # may run pair by pair and add up the gradients
+    per_example_loss: ClassVar[bool] = True
     default_beta: ClassVar[float | None] = 0.1
     options: ClassVar[frozenset[str]] = frozenset()
 

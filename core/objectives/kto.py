@@ -40,6 +40,7 @@ class KTO(Objective):
         "(data.unpaired=true splits pairs into such examples)"
     )
     unpaired: ClassVar[bool] = True
+    per_example_loss: ClassVar[bool] = False  # z0 is the batch's
     default_beta: ClassVar[float | None] = 0.1
     options: ClassVar[frozenset[str]] = frozenset({"desirable_weight", "undesirable_weight"})
 
