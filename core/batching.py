@@ -39,6 +39,12 @@ class Batch:
     def padding_fraction(self) -> float:
         return 1.0 - self.num_tokens / self.input_ids.size
 
+    @property
+    def shared_prompt_tokens(self) -> int:
+        """Real tokens with each pair's prompt counted once (``prompt | chosen | rejected`` rows, unpadded)."""
+        pairs = self.num_pairs
+        return int((self.prompt_lengths[:pairs] + self.response_lengths[:pairs] + self.response_lengths[pairs:]).sum())
+
     def pair(self, index: int) -> Batch:
         """The batch of this one pair (its two rows), cut to their own width."""
         rows = [index, self.num_pairs + index]

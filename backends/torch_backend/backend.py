@@ -186,10 +186,7 @@ def kernel_inputs(
     """(arrays, sequences, shared): the batch as the kernel takes it, each pair's prompt packed once when that
     saves work (share "auto": when it cuts the tokens to run by a fifth or more)."""
     pairs = batch.num_pairs
-    packed_tokens = int(
-        (batch.prompt_lengths[:pairs] + batch.response_lengths[:pairs] + batch.response_lengths[pairs:]).sum()
-    )
-    use = share is True or (share == "auto" and sharing_pays(packed_tokens, batch.input_ids.size))
+    use = share is True or (share == "auto" and sharing_pays(batch.shared_prompt_tokens, batch.input_ids.size))
     if use:
         packed = share_prompts(batch, pad_id=0, pad_to_multiple_of=pad_to_multiple_of)
         return (
@@ -506,11 +503,7 @@ class TorchBackend(Backend):
         never runs more tokens than its two plain rows, so every pair shares, whatever it is batched with."""
         if self.share_prompts != "auto" or not self._split_attention or self.padding_free is False:
             return self.share_prompts
-        pairs = batch.num_pairs
-        tokens = int(
-            (batch.prompt_lengths[:pairs] + batch.response_lengths[:pairs] + batch.response_lengths[pairs:]).sum()
-        )
-        return True if tokens >= UNPADDED_ROW_TOKENS * pairs else "auto"
+        return True if batch.shared_prompt_tokens >= UNPADDED_ROW_TOKENS * batch.num_pairs else "auto"
 
     def _adapter_disabled(self, adapter: bool):
         if adapter or not hasattr(self.model, "disable_adapter"):
