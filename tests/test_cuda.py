@@ -236,10 +236,13 @@ def test_bf16_autocast_keeps_the_lora_weights_in_float32(cpu_step) -> None:
     assert trainable and all(p.dtype == torch.float32 and p.is_cuda for _, p in trainable)
     base_weights = [p for n, p in frozen if n.endswith("base_layer.weight")]
     assert base_weights and all(p.dtype == torch.bfloat16 for p in base_weights), "the base should be bf16"
-    produced: list[torch.dtype] = []
-    # an fp32 LoRA matrix gives bf16 outputs only under autocast (without it PEFT computes it in fp32)
-    layer = next(m for n, m in cuda.model.named_modules() if n.endswith("q_proj.lora_A.default"))
-    handle = layer.register_forward_hook(lambda module, args, output: produced.append(output.dtype))
+    produced: list[tuple[torch.dtype, bool]] = []
+    # each adapted projection's output dtype, and whether autocast was on (the fused LoRA layer reads the
+    # lora_A weight itself, so a hook on the lora_A module would never run)
+    layer = next(m for n, m in cuda.model.named_modules() if n.endswith("q_proj"))
+    handle = layer.register_forward_hook(
+        lambda module, args, output: produced.append((output.dtype, torch.is_autocast_enabled("cuda")))
+    )
     try:
         cuda.setup_optimizer(weight_decay=0.0)
         reference = cuda.sequence_logps(batch, adapter=False)
@@ -247,7 +250,7 @@ def test_bf16_autocast_keeps_the_lora_weights_in_float32(cpu_step) -> None:
         cuda.forward_backward(batch, DPO(beta=BETA), reference, 0.0, 1.0)
     finally:
         handle.remove()
-    assert produced and set(produced) == {torch.bfloat16}  # the matmuls ran under bf16 autocast
+    assert produced and set(produced) == {(torch.bfloat16, True)}  # the matmuls ran under bf16 autocast
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in trainable)
     assert cuda.scaler is None  # bf16 needs no loss scaling
     update = cuda.apply_gradients(lr=1e-3, max_grad_norm=1.0)
@@ -353,3 +356,13 @@ def test_an_export_from_a_cuda_run_loads_on_the_cpu(uninterrupted: Path, tmp_pat
             cpu_model, torch.from_numpy(batch.input_ids).long(), torch.from_numpy(batch.attention_mask).long(), mask
         )
     assert not torch.allclose(base, on_cpu), "the exported adapter changes nothing: was anything trained?"
+
+
+def test_the_lean_swiglu_backward_on_cuda() -> None:
+    """backends/torch_backend/mlp.py on the GPU: in float32 against PEFT (TF32 off; 1e-4 of each tensor's
+    largest entry, the float32 gradient tolerance above), and under bf16 autocast, the CUDA default, as
+    accurate as autograd's own bf16 backward (tests/test_swiglu.py states that bound)."""
+    from tests.test_swiglu import check_bf16_autocast, check_equals_peft
+
+    check_equals_peft(torch.float32, RTOL_GRADS_FP32, "cuda")
+    check_bf16_autocast("cuda")

@@ -10,8 +10,9 @@ products around it. The forward is the same sums as ``lora.py``'s fused layer, s
 bits; the gradients are the same maths, rounded in another order.
 
 It applies to MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a
-SiLU (llama, qwen2/3, mistral and their kin), a fused LoRA ``down_proj`` over a frozen base and no autocast;
-anything else keeps the model's own forward.
+SiLU (llama, qwen2/3, mistral and their kin) and a fused LoRA ``down_proj`` over a frozen base, in float32 or
+under bf16 autocast with bf16 base weights (the CUDA default) as the fused layer allows; anything else keeps
+the model's own forward.
 """
 
 from __future__ import annotations
@@ -43,10 +44,14 @@ class SwiGLUDown(torch.autograd.Function):
     ) -> torch.Tensor:
         product = (F.silu(gate) * up).reshape(-1, gate.shape[-1])
         out = F.linear(product, weight, bias)
-        update = F.linear(product, lora_a)
-        out.addmm_(update, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(gate, up, weight, lora_a, lora_b, update)
+        # under autocast (bf16 base and activations, fp32 adapter) the adapter's matrices are rounded to the
+        # products' dtype, as in the fused LoRA layer; no-ops otherwise
+        lora_a_cast, lora_b_cast = lora_a.to(out.dtype), lora_b.to(out.dtype)
+        update = F.linear(product, lora_a_cast)
+        out.addmm_(update, lora_b_cast.t(), alpha=scaling)
+        ctx.save_for_backward(gate, up, weight, lora_a_cast, lora_b_cast, update)
         ctx.scaling = scaling
+        ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)  # the gradients go back in the parameters' dtype
         return out.view(*gate.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -54,13 +59,19 @@ class SwiGLUDown(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor):
         gate, up, weight, lora_a, lora_b, update = ctx.saved_tensors
         scaling = ctx.scaling
-        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        dtype_a, dtype_b = ctx.lora_dtypes
+        # the backward pass runs outside autocast: every product here is in the activations' dtype, as autograd
+        # would run the forward's bf16 products backwards; the adapter's gradients are then cast back, as the
+        # backward of the forward's cast does
+        grad = grad_out.reshape(-1, grad_out.shape[-1]).to(gate.dtype)
         grad_update = torch.mm(grad, lora_b).mul_(scaling)  # d/d(product · Aᵀ): rank-wide
-        grad_lora_b = torch.mm(grad.t(), update).mul_(scaling) if ctx.needs_input_grad[5] else None
+        grad_lora_b = None
+        if ctx.needs_input_grad[5]:
+            grad_lora_b = torch.mm(grad.t(), update).mul_(scaling).to(dtype_b)
         silu = F.silu(gate)
         grad_lora_a = None
         if ctx.needs_input_grad[4]:
-            grad_lora_a = torch.mm(grad_update.t(), (silu * up).reshape(-1, gate.shape[-1]))
+            grad_lora_a = torch.mm(grad_update.t(), (silu * up).reshape(-1, gate.shape[-1])).to(dtype_a)
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):  # e.g. no adapter before this one
             return None, None, None, None, grad_lora_a, grad_lora_b, None
         grad_product = torch.mm(grad, weight).addmm_(grad_update, lora_a).view_as(gate)
@@ -95,7 +106,8 @@ def swiglu_class(mlp_class: type) -> type:
     class SwiGLUMLP(mlp_class):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             parts = self.down_proj._fused_parts(x) if hasattr(self.down_proj, "_fused_parts") else None
-            if parts is None or torch.is_autocast_enabled(x.device.type) or not torch.is_grad_enabled():
+            # under autocast, _fused_parts has checked that base, activations and autocast share one dtype
+            if parts is None or not torch.is_grad_enabled():
                 return super().forward(x)
             weight, bias, lora_a, lora_b, scaling = parts
             if weight.requires_grad or (bias is not None and bias.requires_grad):
