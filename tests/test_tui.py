@@ -271,6 +271,24 @@ async def test_check_data_and_start_apply_the_same_skip_invalid_rule(tmp_path: P
         assert screen.current_config().data.skip_invalid is True  # and F5 trains with that rule
 
 
+async def test_precision_and_recompute_from_the_form_reach_the_run(tmp_path: Path) -> None:
+    from textual.widgets import Select
+
+    app = DuetApp(quick_config(tmp_path, train={"max_steps": 3}), source="a test")
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = app.screen
+        assert screen.current_config().model.dtype == "auto"
+        assert screen.current_config().model.gradient_checkpointing is False
+        screen.query_one("#f-model-dtype", Select).value = "bfloat16"
+        screen.query_one("#f-model-gradient_checkpointing", Select).value = "true"
+        await pilot.press("f5")
+        board = dashboard(app)
+        await wait_for(pilot, lambda: board.state.run is not None)
+        assert board.state.run.dtype == "bfloat16"  # what the backend runs in, as its start event says
+        assert board.session.config.model.gradient_checkpointing is True
+        await wait_for(pilot, lambda: board.state.phase == "finished")
+
+
 async def test_try_it_is_offered_only_when_a_model_is_loaded(tmp_path: Path) -> None:
     from tui.dialogs import TryItPanel
     from tui.session import TrainingSession

@@ -72,6 +72,10 @@ FIELDS = (
     Field("train.batch_size", "Batch (pairs)"),
     Field("train.grad_accum", "Grad accumulation"),
     Field("model.backend", "Backend", "", choices=("auto", *backend_names())),  # the registered backends
+    Field(
+        "model.dtype", "Precision", "auto: bf16 on CUDA, else fp32", choices=("auto", "float32", "bfloat16", "float16")
+    ),
+    Field("model.gradient_checkpointing", "Recompute", "true: less memory, slower steps", choices=("false", "true")),
     Field("train.output_dir", "Output folder", "run folders go here"),
     Field("train.run_name", "Run name", "empty: date and time", optional=True),
 )
