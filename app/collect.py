@@ -575,12 +575,12 @@ def collect_with_judge(
         chunk = [sampler.start(prompt, index, k=samples) for index, prompt in todo[start : start + batch_prompts]]
         sampler.fill_many(chunk)
         for answers in chunk:
-            done += 1
             if answers.error:
                 raise DataError(answers.error)
             _judge_and_record(answers, file, judge, config, sampler, samples, counts)
-            if progress is not None:
-                progress(done, len(todo))
+        done += len(chunk)
+        if progress is not None:  # once a batch: its prompts are answered together, so ETAs count whole batches
+            progress(done, len(todo))
     return counts
 
 

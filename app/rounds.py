@@ -23,7 +23,6 @@ import io
 import json
 import os
 import shutil
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +51,6 @@ from core.events import (
     Failed,
     Finished,
     Info,
-    Progress,
     RoundReport,
     RunStarted,
     Stopped,
@@ -61,6 +59,7 @@ from core.events import (
 from core.judges import Judge, RuleJudge
 from core.metrics import ConsoleReporter, MetricsLog, read_metrics, truncate_metrics
 from core.prepare import resolve_data_source
+from core.progress import PhaseProgress
 from core.rundir import RunDirectory
 
 EVAL_EVERY = 8  # with no held-out prompts given, every 8th prompt of the pool is held out
@@ -224,14 +223,8 @@ class Rounds:
             return file.counts()
 
     def _progress(self, phase: str, label: str, unit: str) -> Callable[[int, int], None]:
-        started = time.perf_counter()
-
-        def report(done: int, total: int) -> None:
-            elapsed = time.perf_counter() - started
-            eta = elapsed / done * (total - done) if done else None
-            self.emit(Progress(phase=phase, label=label, done=done, total=total, unit=unit, elapsed=elapsed, eta=eta))
-
-        return report
+        # throttled, with a message (the line a log shows: count, elapsed, ETA), like every other long phase
+        return PhaseProgress(self.emit, phase, label, 0, unit=unit)
 
     def _train(self, number: int, counts: Counter[str]) -> bool:
         """Train round ``number`` (or go on with its training); False when a signal stopped it."""
@@ -361,8 +354,8 @@ class Rounds:
                         handle.flush()
                         os.fsync(handle.fileno())
                         rows.append(row)
-                        progress(len(rows), len(self.held_out))
                         faults.reach("rounds.eval_answer")
+                    progress(len(rows), len(self.held_out))  # once a batch, as collect_with_judge reports
         return rows
 
     def _evaluate(self, number: int) -> dict[str, Any]:

@@ -205,7 +205,8 @@ class ConsoleReporter:
             self._progress.update(self._task, completed=event.step, status=status, eta=format_duration(event.eta))
             return
         now = time.monotonic()
-        if now - self._last_line >= self.every_seconds or event.step == event.total_steps:
+        # the last step always (eta 0: a run's last, or a round's when rounds share one step axis)
+        if now - self._last_line >= self.every_seconds or event.step == event.total_steps or event.eta == 0:
             self._last_line = now
             self._print(f"step {event.step}/{event.total_steps}  {status}  ETA {format_duration(event.eta)}")
 

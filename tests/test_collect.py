@@ -289,7 +289,12 @@ def test_collecting_with_a_rule_judge_resumes_where_it_stopped(demo_sampler: Ans
         collect_with_judge(demo_sampler, prompts, part, judge, config, limit=2)
     with JudgementsFile(tmp_path / "b.jsonl") as part:
         assert len(part.records) == 2
-        collect_with_judge(demo_sampler, prompts, part, judge, config)
+        reports: list[tuple[int, int]] = []
+        collect_with_judge(
+            demo_sampler, prompts, part, judge, config, batch_prompts=3, progress=lambda *r: reports.append(r)
+        )
+        # once a batch of answers, so an ETA never extrapolates from one prompt of a batch made at once
+        assert reports == [(3, 4), (4, 4)]
 
     def strip_time(path: Path) -> list[dict]:
         rows = [json.loads(line) for line in path.read_text().splitlines()]
