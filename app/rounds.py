@@ -355,7 +355,8 @@ class Rounds:
                         os.fsync(handle.fileno())
                         rows.append(row)
                         faults.reach("rounds.eval_answer")
-                    progress(len(rows), len(self.held_out))  # once a batch, as collect_with_judge reports
+                    # once a batch, counting this call's prompts (an ETA from time spent now), as collect_with_judge
+                    progress(len(rows) - first, len(todo))
         return rows
 
     def _evaluate(self, number: int) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 
 from core.config import load_config
 from core.judges import load_rule
+from models.registry import RECOMMENDED
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(ROOT.glob("models/*/*.yaml"))
@@ -25,8 +26,11 @@ def test_the_recipes_are_found() -> None:
 def test_each_recipe_validates_and_its_files_exist(path: Path, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)  # the recipes' paths are relative to the checkout's root, as their comments say
     config = load_config(path).validate()
-    for value in (config.data.train, config.data.eval, config.judge.rule, config.rounds.eval_prompts):
-        if value and value != "demo" and ("/" in value or value.endswith((".json", ".jsonl", ".py", ".txt"))):
+    assert config.model.path == "demo" or config.model.path in RECOMMENDED, config.model.path
+    files = (config.data.train, config.data.eval, config.judge.rule, config.rounds.prompts, config.rounds.eval_prompts)
+    files += (config.evaluation.prompts, config.judge.template)
+    for value in files:  # the recipes name files of the checkout (no hub ids): each must be there
+        if value and value != "demo":
             assert (ROOT / value.split(":")[0]).is_file(), value
     if config.judge.kind == "rule":
         load_rule(str(ROOT / config.judge.rule))

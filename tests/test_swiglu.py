@@ -157,14 +157,28 @@ def check_bf16_autocast(device: str) -> None:
     input_ids = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(4))
     _, exact_grads = loss_and_grads(exact, input_ids)
     input_ids = input_ids.to(device)
+
+    def under_autocast(model):  # the forward under autocast, the backward outside it, as the backend runs them
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            logits = model(input_ids=input_ids).logits
+        loss = torch.log_softmax(logits.to(torch.float64), -1)[:, :-1].gather(2, input_ids[:, 1:, None]).mean()
+        loss.backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    logits, grads = under_autocast(autograd)
+    lean_mlp = lean.base_model.model.model.layers[0].mlp
+    x = torch.randn(1, 5, lean.base_model.model.config.hidden_size, dtype=torch.bfloat16, device=device)
     with torch.autocast(device, dtype=torch.bfloat16):
-        logits, grads = loss_and_grads(autograd, input_ids)
-        lean_mlp = lean.base_model.model.model.layers[0].mlp
-        hidden = lean.base_model.model.config.hidden_size
-        x = torch.randn(1, 5, hidden, dtype=torch.bfloat16, device=device, requires_grad=True)
-        kept = wide_bytes_kept(lean_mlp, x)
-        lean_logits, lean_grads = loss_and_grads(lean, input_ids)
-    assert kept == 2 * 5 * lean_mlp.gate_proj.base_layer.out_features * 2  # gate and up, in bf16: the lean path ran
+        kept = wide_bytes_kept(lean_mlp, x.requires_grad_(True))
+    assert kept == 2 * 5 * lean_mlp.gate_proj.base_layer.out_features * 2  # gate and up, in bf16
+    apply, calls = SwiGLUDown.apply, []
+    SwiGLUDown.apply = lambda *args: calls.append(1) or apply(*args)  # the whole model takes the lean path too
+    try:
+        lean_logits, lean_grads = under_autocast(lean)
+    finally:
+        SwiGLUDown.apply = apply
+    assert len(calls) == 2  # both blocks
     assert lean_logits.dtype == torch.bfloat16 and torch.equal(lean_logits, logits)
     errors, lean_errors = [], []
     for name, expected in exact_grads.items():

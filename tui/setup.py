@@ -73,7 +73,7 @@ FIELDS = (
     Field("train.grad_accum", "Grad accumulation"),
     Field("model.backend", "Backend", "", choices=("auto", *backend_names())),  # the registered backends
     Field(
-        "model.dtype", "Precision", "auto: bf16 on CUDA, else fp32", choices=("auto", "float32", "bfloat16", "float16")
+        "model.dtype", "Precision", "auto: GPU bf16/fp16, else fp32", choices=("auto", "float32", "bfloat16", "float16")
     ),
     Field("model.gradient_checkpointing", "Recompute", "true: less memory, slower steps", choices=("false", "true")),
     Field("train.output_dir", "Output folder", "run folders go here"),

@@ -11,8 +11,9 @@ bits; the gradients are the same maths, rounded in another order.
 
 It applies to MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a
 SiLU (llama, qwen2/3, mistral and their kin) and a fused LoRA ``down_proj`` over a frozen base, in float32 or
-under bf16 autocast with bf16 base weights (the CUDA default) as the fused layer allows; anything else keeps
-the model's own forward.
+under autocast with base weights of autocast's dtype (bf16, the CUDA default; fp16 with loss scaling on older
+GPUs: the same products in the same order as autograd's, so an overflow still reaches the scaler as inf), as
+the fused layer allows; anything else keeps the model's own forward.
 """
 
 from __future__ import annotations
