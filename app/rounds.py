@@ -53,6 +53,7 @@ from core.events import (
     Info,
     RoundReport,
     RunStarted,
+    RunWarning,
     Stopped,
     TrainStep,
 )
@@ -130,6 +131,7 @@ class Rounds:
     stopped: bool = False
     generator: AnswerSampler | None = None  # the model answers are sampled from, loaded once
     generator_adapter: str | None = None
+    warned: set[str] = dataclasses.field(default_factory=set)  # warnings said once a rounds run, not once a round
 
     @property
     def folder(self) -> Path:
@@ -294,7 +296,11 @@ class Rounds:
                 if isinstance(moved, TrainStep):
                     moved.total_steps = self.config.rounds.count * self.config.rounds.steps
                 self.emit(moved)
+            elif isinstance(event, RunWarning) and event.message in self.warned:
+                return  # each round's training loads the model again: its warnings are the same each time
             elif not isinstance(event, (RunStarted, Finished, Stopped, Failed)):  # the rounds' own say those
+                if isinstance(event, RunWarning):
+                    self.warned.add(event.message)
                 self.emit(dataclasses.replace(event, time=None))
 
         return forward
