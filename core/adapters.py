@@ -160,6 +160,18 @@ def peft_tensors(adapter: Adapter) -> dict[str, np.ndarray]:
     return tensors
 
 
+def sort_target_modules(folder: Path) -> None:
+    """PEFT writes ``target_modules`` from a set, in an order that changes from one process to the next (string
+    hashing): sorted, the same adapter is the same file, and what is keyed on it by content (the reference
+    cache of a round that starts from it) finds it again."""
+    path = Path(folder) / CONFIG
+    config = json.loads(path.read_text())
+    modules = config.get("target_modules")
+    if isinstance(modules, list) and modules != sorted(modules):
+        config["target_modules"] = sorted(modules)
+        write_json(path, config)
+
+
 def write_peft(folder: Path, adapter: Adapter, num_layers: int) -> None:
     """Write ``adapter`` in PEFT's format into ``folder`` (which exists)."""
     _, layers, keys = adapter.layer_keys()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +238,40 @@ def test_bf16_on_the_cpu_runs_under_autocast_and_stays_close_to_float32(tmp_path
     assert produced and set(produced) == {(True, torch.bfloat16)}  # every LoRA layer ran under bf16 autocast
     assert_bf16_step_is_close(bf16_step, fp32_step, batch.num_pairs)
     assert all(p.grad.dtype == torch.float32 for p in trainable)
+
+
+def test_one_adapter_is_one_file_whatever_the_string_hashing(tmp_path: Path) -> None:
+    """PEFT writes target_modules from a set, whose order follows Python's per-process string hashing: two
+    processes saving the same adapter wrote different adapter_config.json files, so a reference cache keyed on
+    the adapter's content missed (seen in the second run of models/smollm2/rounds.yaml). Sorted, they match."""
+    import subprocess
+    import sys
+
+    from core.fingerprint import folder_fingerprint
+
+    script = (
+        "import sys, torch; from backends.torch_backend.backend import TorchBackend; "
+        "from core.config import LoraConfig; torch.manual_seed(0); "
+        "b = TorchBackend(device='cpu', dtype='float32'); b.load_model(sys.argv[1]); b.seed(0); "
+        "b.attach_lora(LoraConfig(rank=4, alpha=8)); b.save_adapter(__import__('pathlib').Path(sys.argv[2]))"
+    )
+    folders = []
+    for seed in ("1", "2", "3"):
+        folder = tmp_path / f"hash-{seed}"
+        folder.mkdir()
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(DEMO_MODEL), str(folder)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=Path(__file__).parents[1],
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        folders.append(folder)
+    configs = [(folder / "adapter_config.json").read_bytes() for folder in folders]
+    modules = json.loads(configs[0])["target_modules"]
+    assert len(modules) > 1 and modules == sorted(modules)
+    assert configs[0] == configs[1] == configs[2]
+    assert len({folder_fingerprint(folder) for folder in folders}) == 1

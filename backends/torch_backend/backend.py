@@ -40,6 +40,7 @@ from backends.torch_backend.threads import (
     environment_threads,
     usable_cores,
 )
+from core.adapters import sort_target_modules
 from core.backend import (
     Backend,
     BackendError,
@@ -675,6 +676,7 @@ class TorchBackend(Backend):
 
     def save_adapter(self, directory: Path) -> None:
         self.model.save_pretrained(str(directory), safe_serialization=True)
+        sort_target_modules(Path(directory))  # one file for one adapter, whatever the process's string hashing
 
     def load_adapter(self, directory: Path) -> None:
         from peft import set_peft_model_state_dict
