@@ -296,10 +296,10 @@ class Rounds:
                 if isinstance(moved, TrainStep):
                     moved.total_steps = self.config.rounds.count * self.config.rounds.steps
                 self.emit(moved)
-            elif isinstance(event, RunWarning) and event.message in self.warned:
-                return  # each round's training loads the model again: its warnings are the same each time
             elif not isinstance(event, (RunStarted, Finished, Stopped, Failed)):  # the rounds' own say those
                 if isinstance(event, RunWarning):
+                    if event.message in self.warned:
+                        return  # each round's training loads the model again: its warnings are the same each time
                     self.warned.add(event.message)
                 self.emit(dataclasses.replace(event, time=None))
 
